@@ -1,0 +1,466 @@
+"""Soft-target distillation losses (Hinton et al., 2015).
+
+All functions take raw logits. Probabilities are only ever formed in log space
+(``log_softmax(z / T)``), so no function takes the log of a softmax, adds an
+epsilon or clips. A logit of ``-inf`` marks a class as impossible (for example
+a padded vocabulary entry) and is handled exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxkd.losses import _validation as v
+
+Array = jax.Array
+ArrayLike = Any
+
+
+def prepare_logit_pair(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: ArrayLike,
+    axis: int,
+    where: ArrayLike | None,
+) -> tuple[Array, Array, int, Array | None]:
+  """Checks a (student, teacher) logit pair and casts it to the compute dtype.
+
+  Returns ``(student_logits, teacher_logits, axis, where)`` with ``axis``
+  non-negative and ``where`` broadcast to the per-example shape. Rows masked
+  out by ``where`` are replaced by zeros so that whatever they held (``nan``,
+  ``inf``) reaches neither the value nor the gradient.
+  """
+  v.check_floating("student_logits", student_logits)
+  v.check_floating("teacher_logits", teacher_logits)
+  v.check_same_shape(
+      "student_logits", student_logits, "teacher_logits", teacher_logits
+  )
+  v.check_min_rank("student_logits", student_logits, 1)
+  v.check_positive("temperature", temperature)
+  axis = v.normalize_axis("student_logits", student_logits, axis)
+  student_logits, teacher_logits = v.as_compute_dtype(
+      student_logits, teacher_logits
+  )
+  per_example_shape = tuple(
+      d for i, d in enumerate(student_logits.shape) if i != axis
+  )
+  where = v.broadcast_where(where, per_example_shape)
+  if where is not None:
+    row_mask = jnp.expand_dims(where, axis)
+    zero = jnp.zeros((), student_logits.dtype)
+    student_logits = jnp.where(row_mask, student_logits, zero)
+    teacher_logits = jnp.where(row_mask, teacher_logits, zero)
+  return student_logits, teacher_logits, axis, where
+
+
+def scaled_log_softmax(
+    logits: Array, temperature: ArrayLike, axis: int
+) -> Array:
+  """``log_softmax(logits / temperature)`` in the dtype of ``logits``."""
+  temperature = jnp.asarray(temperature).astype(logits.dtype)
+  return jax.nn.log_softmax(logits / temperature, axis=axis)
+
+
+def kl_from_log_probs(log_p: Array, log_q: Array, axis: int) -> Array:
+  """``sum_c p_c (log p_c - log q_c)`` from log-probabilities, 0 log 0 = 0.
+
+  Entries with ``log_p = -inf`` contribute exactly zero to the value and to the
+  gradient (the second ``where`` keeps ``0 * inf`` out of the backward pass).
+  """
+  supported = log_p > -jnp.inf
+  safe_log_p = jnp.where(supported, log_p, jnp.zeros((), log_p.dtype))
+  terms = jnp.exp(safe_log_p) * (safe_log_p - log_q)
+  return jnp.sum(
+      jnp.where(supported, terms, jnp.zeros((), terms.dtype)), axis=axis
+  )
+
+
+def cross_entropy_from_log_probs(
+    log_p: Array, log_q: Array, axis: int
+) -> Array:
+  """``-sum_c p_c log q_c`` from log-probabilities, with ``0 log 0 = 0``."""
+  supported = log_p > -jnp.inf
+  safe_log_p = jnp.where(supported, log_p, jnp.zeros((), log_p.dtype))
+  terms = -jnp.exp(safe_log_p) * log_q
+  return jnp.sum(
+      jnp.where(supported, terms, jnp.zeros((), terms.dtype)), axis=axis
+  )
+
+
+def soft_targets(
+    logits: ArrayLike, *, temperature: ArrayLike = 1.0, axis: int = -1
+) -> Array:
+  r"""Temperature-scaled softmax: the teacher's soft targets.
+
+  .. math::
+    p_c = \frac{\exp(z_c / T)}{\sum_k \exp(z_k / T)}
+
+  As :math:`T \to 0` the targets approach the one-hot vector of the argmax; as
+  :math:`T \to \infty` they approach the uniform distribution.
+
+  Args:
+    logits: Floating logits of shape ``[..., num_classes]`` (class axis
+      ``axis``).
+    temperature: Softmax temperature :math:`T > 0`; a scalar.
+    axis: The class axis.
+
+  Returns:
+    Probabilities with the shape of ``logits``; bfloat16 and float16 inputs
+    give float32 outputs.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxkd import losses
+    >>> probs = losses.soft_targets(jnp.array([9.0, 5.0, 2.0]))
+    >>> print(" ".join(f"{p:.4f}" for p in probs))
+    0.9811 0.0180 0.0009
+
+  References:
+    Hinton, Vinyals and Dean, `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015.
+
+  .. versionadded:: 0.1.0
+  """
+  return jnp.exp(log_soft_targets(logits, temperature=temperature, axis=axis))
+
+
+def log_soft_targets(
+    logits: ArrayLike, *, temperature: ArrayLike = 1.0, axis: int = -1
+) -> Array:
+  r"""Log of :func:`soft_targets`, computed as ``log_softmax(z / T)``.
+
+  .. math::
+    \log p_c = z_c / T - \log \sum_k \exp(z_k / T)
+
+  Args:
+    logits: Floating logits of shape ``[..., num_classes]``.
+    temperature: Softmax temperature :math:`T > 0`; a scalar.
+    axis: The class axis.
+
+  Returns:
+    Log-probabilities with the shape of ``logits`` (float32 for bfloat16 and
+    float16 inputs). A ``-inf`` logit gives a ``-inf`` log-probability.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxkd import losses
+    >>> logits = jnp.array([9.0, 5.0, 2.0])
+    >>> print(losses.log_soft_targets(logits, temperature=10.0).round(4))
+    [-0.7733 -1.1733 -1.4733]
+
+  References:
+    Hinton, Vinyals and Dean, `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015.
+
+  .. versionadded:: 0.1.0
+  """
+  v.check_floating("logits", logits)
+  v.check_min_rank("logits", logits, 1)
+  v.check_positive("temperature", temperature)
+  axis = v.normalize_axis("logits", logits, axis)
+  (logits,) = v.as_compute_dtype(logits)
+  return scaled_log_softmax(logits, temperature, axis)
+
+
+def kl_divergence(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: ArrayLike = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> Array:
+  r"""KL divergence from the student's to the teacher's soft targets.
+
+  .. math::
+    \mathrm{KL}(p^T \,\|\, p^S) = \sum_c p^T_c (\log p^T_c - \log p^S_c),
+    \quad p = \mathrm{softmax}(z / T)
+
+  Classes whose teacher logit is ``-inf`` contribute exactly zero.
+
+  Args:
+    student_logits: Floating logits of shape ``[..., num_classes]``.
+    teacher_logits: Floating logits of the same shape.
+    temperature: Softmax temperature :math:`T > 0` applied to both.
+    axis: The class axis.
+    where: Optional boolean mask broadcastable to the per-example shape
+      ``[...]``; masked-out examples give 0 and no gradient.
+
+  Returns:
+    The per-example divergence, shape ``[...]`` (the input shape without
+    ``axis``); float32 for bfloat16 and float16 inputs.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxkd import losses
+    >>> student = jnp.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    >>> teacher = jnp.array([[1.0, 2.0, 4.0], [0.0, 0.0, 0.0]])
+    >>> print(losses.kl_divergence(student, teacher).round(4))
+    [0.0816 0.    ]
+
+  References:
+    Kullback and Leibler, `On Information and Sufficiency
+    <https://doi.org/10.1214/aoms/1177729694>`_, 1951.
+
+  .. seealso:: :func:`kd_loss`, :func:`reverse_kl_divergence`.
+
+  .. versionadded:: 0.1.0
+  """
+  student_logits, teacher_logits, axis, where = prepare_logit_pair(
+      student_logits, teacher_logits, temperature=temperature, axis=axis,
+      where=where,
+  )
+  log_p_teacher = scaled_log_softmax(teacher_logits, temperature, axis)
+  log_p_student = scaled_log_softmax(student_logits, temperature, axis)
+  loss = kl_from_log_probs(log_p_teacher, log_p_student, axis)
+  return v.apply_where(loss, where)
+
+
+def kd_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: ArrayLike = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> Array:
+  r"""Hinton knowledge-distillation loss: :math:`T^2` times the KL divergence.
+
+  .. math::
+    \mathcal{L}_{KD} = T^2 \, \mathrm{KL}\big(\mathrm{softmax}(z^T / T)
+    \,\|\, \mathrm{softmax}(z^S / T)\big)
+
+  The gradient of the KL with respect to the student logits is
+  :math:`(p^S - p^T) / T`, of order :math:`1 / T^2` for large :math:`T`; the
+  :math:`T^2` factor keeps the gradient's size independent of the temperature,
+  so the soft term can be mixed with a hard-label term at a fixed weight.
+
+  Args:
+    student_logits: Floating logits of shape ``[..., num_classes]``.
+    teacher_logits: Floating logits of the same shape.
+    temperature: Softmax temperature :math:`T > 0`.
+    axis: The class axis.
+    where: Optional boolean mask broadcastable to the per-example shape.
+
+  Returns:
+    The per-example loss, shape ``[...]`` (float32 for 16-bit inputs).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxkd import losses
+    >>> student = jnp.array([1.0, 2.0, 3.0])
+    >>> teacher = jnp.array([1.0, 2.0, 4.0])
+    >>> print(losses.kd_loss(student, teacher, temperature=4.0).round(4))
+    0.1241
+
+  References:
+    Hinton, Vinyals and Dean, `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015.
+
+  .. seealso:: :func:`distillation_loss` (mixed with the hard-label loss).
+
+  .. versionadded:: 0.1.0
+  """
+  loss = kl_divergence(
+      student_logits, teacher_logits, temperature=temperature, axis=axis,
+      where=where,
+  )
+  temperature = jnp.asarray(temperature).astype(loss.dtype)
+  return temperature**2 * loss
+
+
+def soft_cross_entropy(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: ArrayLike = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> Array:
+  r"""Cross-entropy of the student's soft targets against the teacher's.
+
+  .. math::
+    H(p^T, p^S) = -\sum_c p^T_c \log p^S_c
+    = \mathrm{KL}(p^T \,\|\, p^S) + H(p^T),
+    \quad p = \mathrm{softmax}(z / T)
+
+  It differs from :func:`kl_divergence` by the teacher's entropy, a constant
+  for a frozen teacher, so both give the same gradient with respect to the
+  student; unlike the KL it is not zero when the two distributions agree.
+  No :math:`T^2` factor is applied.
+
+  Args:
+    student_logits: Floating logits of shape ``[..., num_classes]``.
+    teacher_logits: Floating logits of the same shape.
+    temperature: Softmax temperature :math:`T > 0` applied to both.
+    axis: The class axis.
+    where: Optional boolean mask broadcastable to the per-example shape.
+
+  Returns:
+    The per-example cross-entropy, shape ``[...]`` (float32 for 16-bit
+    inputs).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxkd import losses
+    >>> logits = jnp.array([0.0, 0.0])
+    >>> print(losses.soft_cross_entropy(logits, logits).round(4))
+    0.6931
+
+  References:
+    Hinton, Vinyals and Dean, `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015.
+
+  .. versionadded:: 0.1.0
+  """
+  student_logits, teacher_logits, axis, where = prepare_logit_pair(
+      student_logits, teacher_logits, temperature=temperature, axis=axis,
+      where=where,
+  )
+  log_p_teacher = scaled_log_softmax(teacher_logits, temperature, axis)
+  log_p_student = scaled_log_softmax(student_logits, temperature, axis)
+  loss = cross_entropy_from_log_probs(log_p_teacher, log_p_student, axis)
+  return v.apply_where(loss, where)
+
+
+def _hard_label_cross_entropy(
+    log_probs: Array,
+    labels: ArrayLike,
+    *,
+    label_smoothing: ArrayLike,
+    axis: int,
+) -> Array:
+  """``-sum_c y_c log q_c`` for integer or distribution labels."""
+  num_classes = log_probs.shape[axis]
+  concrete = v.concrete_value(labels)
+  labels = jnp.asarray(labels)
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    per_example_shape = log_probs.shape[:axis] + log_probs.shape[axis + 1 :]
+    if labels.shape != per_example_shape:
+      raise ValueError(
+          "Integer `labels` must have the per-example shape"
+          f" {per_example_shape} (logits {log_probs.shape} without the class"
+          f" axis {axis}), got {labels.shape}."
+      )
+    if concrete is not None and concrete.size and (
+        concrete.min() < 0 or concrete.max() >= num_classes
+    ):
+      raise ValueError(
+          f"`labels` must lie in [0, {num_classes}), got values in"
+          f" [{concrete.min()}, {concrete.max()}]."
+      )
+    labels = jax.nn.one_hot(
+        labels, num_classes, dtype=log_probs.dtype, axis=axis
+    )
+  elif jnp.issubdtype(labels.dtype, jnp.floating):
+    if labels.shape != log_probs.shape:
+      raise ValueError(
+          "One-hot or soft `labels` must have the shape of the logits"
+          f" {log_probs.shape}, got {labels.shape}."
+      )
+    labels = labels.astype(log_probs.dtype)
+  else:
+    raise TypeError(
+        "`labels` must be integer class indices or floating one-hot/soft"
+        f" labels, got dtype {labels.dtype}."
+    )
+  smoothing = jnp.asarray(label_smoothing).astype(log_probs.dtype)
+  targets = (1 - smoothing) * labels + smoothing / num_classes
+  # 0 * log q is 0 even where q = 0 (a -inf student logit outside the
+  # target's support); the inner where keeps that 0 * -inf out of both passes.
+  supported = targets > 0
+  safe_log_probs = jnp.where(
+      supported, log_probs, jnp.zeros((), log_probs.dtype)
+  )
+  return -jnp.sum(
+      jnp.where(supported, targets * safe_log_probs, 0.0), axis=axis
+  )
+
+
+def distillation_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    temperature: ArrayLike,
+    alpha: ArrayLike,
+    label_smoothing: ArrayLike = 0.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> Array:
+  r"""Hard-label cross-entropy mixed with the Hinton KD loss.
+
+  .. math::
+    \mathcal{L} = (1 - \alpha)\, H(y, \mathrm{softmax}(z^S))
+    + \alpha\, T^2\, \mathrm{KL}\big(\mathrm{softmax}(z^T / T)
+    \,\|\, \mathrm{softmax}(z^S / T)\big)
+
+  where :math:`y` is the (optionally smoothed) label distribution
+  :math:`(1 - \epsilon)\,\mathrm{onehot} + \epsilon / C`. The hard term uses
+  temperature 1.
+
+  Other conventions and how to convert:
+
+  * ``alpha`` on the hard term (:math:`\alpha H + (1 - \alpha) T^2 KL`, as in
+    some tutorials): pass ``alpha = 1 - alpha_hard``.
+  * Two independent weights :math:`w_{ce} H + w_{kd} T^2 KL` (the CIFAR-100
+    recipes of CRD/RepDistiller use ``0.1 CE + 0.9 KD``): pass
+    ``alpha = w_kd / (w_ce + w_kd)`` and multiply the result by
+    ``w_ce + w_kd`` (for 0.1/0.9 the sum is 1, so ``alpha = 0.9``).
+
+  Args:
+    student_logits: Floating logits of shape ``[..., num_classes]``.
+    teacher_logits: Floating logits of the same shape.
+    labels: Integer class indices of shape ``[...]``, or one-hot/soft labels
+      of the logits' shape.
+    temperature: Softmax temperature :math:`T > 0` of the soft term.
+    alpha: Weight :math:`\alpha \in [0, 1]` of the soft term.
+    label_smoothing: :math:`\epsilon \in [0, 1]` applied to the labels.
+    axis: The class axis.
+    where: Optional boolean mask broadcastable to the per-example shape.
+
+  Returns:
+    The per-example loss, shape ``[...]`` (float32 for 16-bit inputs).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxkd import losses
+    >>> student = jnp.array([[2.0, 0.0, 0.0]])
+    >>> teacher = jnp.array([[3.0, 1.0, 0.0]])
+    >>> loss = losses.distillation_loss(
+    ...     student, teacher, jnp.array([0]), temperature=4.0, alpha=0.9)
+    >>> print(loss.round(4))
+    [0.1065]
+
+  References:
+    Hinton, Vinyals and Dean, `Distilling the Knowledge in a Neural Network
+    <https://arxiv.org/abs/1503.02531>`_, 2015.
+
+    Tian, Krishnan and Isola, `Contrastive Representation Distillation
+    <https://arxiv.org/abs/1910.10699>`_, 2020 (the 0.1 CE + 0.9 KD recipe).
+
+  .. versionadded:: 0.1.0
+  """
+  v.check_in_unit_interval("alpha", alpha)
+  v.check_in_unit_interval("label_smoothing", label_smoothing)
+  student_logits, teacher_logits, axis, where = prepare_logit_pair(
+      student_logits, teacher_logits, temperature=temperature, axis=axis,
+      where=where,
+  )
+  hard = _hard_label_cross_entropy(
+      jax.nn.log_softmax(student_logits, axis=axis),
+      labels,
+      label_smoothing=label_smoothing,
+      axis=axis,
+  )
+  log_p_teacher = scaled_log_softmax(teacher_logits, temperature, axis)
+  log_p_student = scaled_log_softmax(student_logits, temperature, axis)
+  soft = kl_from_log_probs(log_p_teacher, log_p_student, axis)
+  alpha = jnp.asarray(alpha).astype(soft.dtype)
+  temperature = jnp.asarray(temperature).astype(soft.dtype)
+  loss = (1 - alpha) * hard + alpha * temperature**2 * soft
+  return v.apply_where(loss, where)

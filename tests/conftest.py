@@ -1,0 +1,22 @@
+"""Strict JAX settings for every test, set before any JAX operation."""
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture
+def x64():
+  """Runs a test with 64-bit floats enabled (for float64 references)."""
+  with jax.enable_x64(True):
+    yield
+
+
+@pytest.fixture
+def rng():
+  """A seeded NumPy generator: every test's randomness is reproducible."""
+  return np.random.default_rng(0)
