@@ -1,0 +1,142 @@
+"""The model contract of the distillation engine.
+
+The engine never imports a model class. A model is a pair of pure functions
+over pytrees:
+
+* ``init(key, x) -> (params, state)``: trainable parameters and mutable state
+  (for example BatchNorm statistics; ``{}`` when there is none), for a sample
+  batch ``x``;
+* ``apply(params, state, x, *, train, rng) -> (logits, features, new_state)``:
+  ``logits`` of shape ``[batch, num_classes]``, ``features`` a dict of named
+  intermediate arrays (``"stage1"``, ..., ``"embedding"``), and the updated
+  state (equal to ``state`` when ``train`` is ``False``). ``rng`` is a PRNG
+  key for dropout and the like, or ``None``.
+
+:func:`from_linen` and :func:`from_nnx` wrap Flax modules into this contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+from flax import nnx
+import jax
+
+PyTree = Any
+Features = Mapping[str, jax.Array]
+InitFn = Callable[[jax.Array, jax.Array], tuple[PyTree, PyTree]]
+ApplyFn = Callable[..., tuple[jax.Array, Features, PyTree]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """A model as the engine sees it: ``init`` and ``apply`` plus a name.
+
+  Instances compare and hash by identity, so they can be closed over by (or
+  passed as static arguments to) ``jax.jit``.
+  """
+
+  init: InitFn
+  apply: ApplyFn
+  name: str = "model"
+
+  def __repr__(self) -> str:
+    return f"Model({self.name!r})"
+
+
+def _split_linen_variables(variables: Mapping[str, Any]) -> tuple[Any, Any]:
+  variables = dict(variables)
+  params = variables.pop("params", {})
+  return params, variables
+
+
+def from_linen(module: nn.Module, *, name: str | None = None) -> Model:
+  """Wraps a ``flax.linen`` module into the :class:`Model` contract.
+
+  The module's ``__call__(x, train: bool)`` returns either ``logits`` or
+  ``(logits, features)`` with ``features`` a dict of arrays. Every variable
+  collection other than ``"params"`` (``"batch_stats"``, ...) is the mutable
+  state, updated when ``train`` is ``True``. ``rng`` feeds the ``"dropout"``
+  stream.
+
+  Args:
+    module: The linen module.
+    name: A name for error messages and logs; the class name by default.
+
+  Returns:
+    The wrapped :class:`Model`.
+  """
+
+  def init(key: jax.Array, x: jax.Array) -> tuple[PyTree, PyTree]:
+    params_key, dropout_key = jax.random.split(key)
+    variables = module.init(
+        {"params": params_key, "dropout": dropout_key}, x, train=False
+    )
+    return _split_linen_variables(variables)
+
+  def apply(params, state, x, *, train: bool, rng: jax.Array | None = None):
+    variables = {"params": params, **state}
+    rngs = {"dropout": rng} if rng is not None else {}
+    if train and state:
+      out, new_state = module.apply(
+          variables, x, train=True, rngs=rngs, mutable=list(state)
+      )
+      new_state = dict(new_state)
+    else:
+      out = module.apply(variables, x, train=train, rngs=rngs)
+      new_state = state
+    logits, features = out if isinstance(out, tuple) else (out, {})
+    return logits, dict(features), new_state
+
+  return Model(init=init, apply=apply, name=name or type(module).__name__)
+
+
+def from_nnx(
+    make_module: Callable[[nnx.Rngs], nnx.Module], *, name: str | None = None
+) -> Model:
+  """Wraps a ``flax.nnx`` module into the :class:`Model` contract.
+
+  ``make_module(rngs)`` builds the module; ``init`` calls it with
+  ``nnx.Rngs(key)`` and splits it into its graph definition (kept static),
+  its ``nnx.Param`` leaves (the params) and every other variable (the state:
+  BatchNorm statistics, RNG counters). ``apply`` merges them, switches the
+  module to train or eval mode, calls it, and splits the updated state out
+  again. The module's ``__call__(x)`` returns ``logits`` or
+  ``(logits, features)``.
+
+  Args:
+    make_module: Builds the module from an ``nnx.Rngs``.
+    name: A name for error messages and logs.
+
+  Returns:
+    The wrapped :class:`Model`.
+  """
+  # The graph definition is static; an abstract build gives it for free.
+  abstract = nnx.eval_shape(lambda: make_module(nnx.Rngs(0)))
+  graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+
+  def init(key: jax.Array, x: jax.Array) -> tuple[PyTree, PyTree]:
+    del x  # nnx modules are built with explicit shapes.
+    _, params, state = nnx.split(make_module(nnx.Rngs(key)), nnx.Param, ...)
+    return params, state
+
+  def apply(params, state, x, *, train: bool, rng: jax.Array | None = None):
+    module = nnx.merge(graphdef, params, state)
+    if train:
+      module.train()
+    else:
+      module.eval()
+    if rng is not None:
+      nnx.reseed(module, dropout=rng)
+    out = module(x)
+    logits, features = out if isinstance(out, tuple) else (out, {})
+    _, _, new_state = nnx.split(module, nnx.Param, ...)
+    if not train:
+      new_state = state
+    return logits, dict(features), new_state
+
+  return Model(
+      init=init, apply=apply, name=name or type(abstract).__name__
+  )

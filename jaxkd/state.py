@@ -1,0 +1,44 @@
+"""The train state of a distillation run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import struct
+import jax
+
+PyTree = Any
+
+
+class DistillState(struct.PyTreeNode):
+  """Everything a distillation step reads and writes.
+
+  Attributes:
+    step: Number of updates applied so far (int32 scalar).
+    params: Trainable parameters: ``{"student": ..., "terms": {name: ...}}``
+      (the objective terms' adaptors and heads). Only these reach the
+      optimiser.
+    model_state: Mutable non-trainable state: ``{"student": ...,
+      "terms": {name: ...}}`` (BatchNorm statistics, CRD queues).
+    opt_state: The optimiser's state for ``params``.
+    rng: PRNG key data (``uint32[2]``); step ``s`` draws from
+      ``fold_in(rng, s)``, so a resumed run draws the same numbers.
+    teachers: One ``jaxkd.teachers.TeacherVariables`` per teacher group.
+      Never passed to the optimiser, never differentiated, and left out of
+      the student's checkpoints.
+  """
+
+  step: jax.Array
+  params: PyTree
+  model_state: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+  teachers: tuple[Any, ...] = ()
+
+  @property
+  def student_params(self) -> PyTree:
+    return self.params["student"]
+
+  @property
+  def student_state(self) -> PyTree:
+    return self.model_state["student"]

@@ -1,0 +1,574 @@
+"""One compiled distillation step: teachers, student, losses and update.
+
+:func:`make_train_step` returns a jitted pure function
+``(state, batch) -> (state, metrics)`` in which every teacher's forward pass,
+the student's forward and backward pass, every objective term and the Optax
+update form one XLA program. Same-architecture teachers are stacked and run by
+the strategy of their :class:`jaxkd.teachers.TeacherGroup`.
+
+A batch is a dict with ``"image"`` ``[B, ...]`` and ``"label"`` ``[B]``
+(integer) or ``[B, C]`` (soft), and optionally:
+
+* ``"teacher_logits"`` ``[K, B, C]`` (or ``[B, C]``): cached teacher outputs
+  for offline distillation; the teachers are then not run;
+* ``"teacher_topk_logits"`` and ``"teacher_topk_indices"`` ``[K, B, k]``:
+  cached top-k teacher logits; the other classes are ``-inf`` (the losses
+  treat them exactly, as classes of probability zero);
+* ``"mask"`` ``[B]`` (evaluation only): which examples count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxkd import losses
+from jaxkd import objective as objective_lib
+from jaxkd import teachers as teachers_lib
+from jaxkd.models._contract import Model
+from jaxkd.state import DistillState
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+ViewFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+NONFINITE_POLICIES = ("skip", "apply")
+
+
+@dataclasses.dataclass(frozen=True)
+class Views:
+  """How the student's and the teachers' inputs are made from a batch.
+
+  Every function is ``fn(images, key) -> images`` and runs inside the step:
+
+  * ``shared``: one augmentation both sides see (function matching, Beyer
+    et al. 2022), optionally followed by mixup with ``mixup_alpha > 0``
+    (labels become soft);
+  * ``student``: a further transform for the student only (a noisier view);
+  * ``teacher``: a further transform for the teachers only, e.g.
+    ``functools.partial(losses.perturb_inputs, noise_scale=0.1)`` for
+    perturbation-robust distillation.
+  """
+
+  shared: ViewFn | None = None
+  student: ViewFn | None = None
+  teacher: ViewFn | None = None
+  mixup_alpha: float = 0.0
+
+  def __post_init__(self):
+    if self.mixup_alpha < 0:
+      raise ValueError(f"`mixup_alpha` must be >= 0, got {self.mixup_alpha}.")
+
+
+def _mixup(images, labels, key, alpha, num_classes):
+  lam_key, perm_key = jax.random.split(key)
+  lam = jax.random.beta(lam_key, alpha, alpha).astype(jnp.float32)
+  perm = jax.random.permutation(perm_key, images.shape[0])
+  mixed = lam.astype(images.dtype) * images + (1 - lam).astype(
+      images.dtype
+  ) * images[perm]
+  if labels is not None:
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+      labels = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    labels = lam * labels + (1 - lam) * labels[perm]
+  return mixed, labels
+
+
+def make_views(
+    views: Views, images, labels, key, num_classes
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Returns ``(student_images, teacher_images, labels)`` for one step."""
+  shared_key, mix_key, student_key, teacher_key = jax.random.split(key, 4)
+  if views.shared is not None:
+    images = views.shared(images, shared_key)
+  if views.mixup_alpha > 0:
+    images, labels = _mixup(
+        images, labels, mix_key, views.mixup_alpha, num_classes
+    )
+  student_images = (
+      images if views.student is None else views.student(images, student_key)
+  )
+  teacher_images = (
+      images if views.teacher is None else views.teacher(images, teacher_key)
+  )
+  return student_images, teacher_images, labels
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Distillation:
+  """What is distilled into what, and how: the static half of a run.
+
+  Attributes:
+    student: The student :class:`jaxkd.models.Model`.
+    objective: The terms of the loss (``jaxkd.objective``).
+    optimizer: An Optax transformation for the student and the terms'
+      adaptors.
+    teachers: Teacher groups (``jaxkd.teachers.TeacherGroup``); their arrays
+      live in ``DistillState.teachers``.
+    views: How inputs are made inside the step.
+    accumulation_steps: Gradients of this many micro-batches are averaged
+      before one update (the batch is split along its first axis).
+    nonfinite: ``"skip"`` leaves the state unchanged (but for the step
+      counter) when the loss or a gradient is not finite, ``"apply"``
+      applies the update anyway. Either way ``metrics["nonfinite"]`` is 1.
+  """
+
+  student: Model
+  objective: Sequence[objective_lib.Term]
+  optimizer: optax.GradientTransformation
+  teachers: Sequence[teachers_lib.TeacherGroup] = ()
+  views: Views = Views()
+  accumulation_steps: int = 1
+  nonfinite: str = "skip"
+
+  def __post_init__(self):
+    object.__setattr__(self, "objective", tuple(self.objective))
+    object.__setattr__(self, "teachers", tuple(self.teachers))
+    objective_lib.check_unique_names(self.objective)
+    if not self.objective:
+      raise ValueError("`objective` needs at least one term.")
+    if self.nonfinite not in NONFINITE_POLICIES:
+      raise ValueError(
+          f"`nonfinite` must be one of {NONFINITE_POLICIES}, got"
+          f" {self.nonfinite!r}."
+      )
+    if int(self.accumulation_steps) < 1:
+      raise ValueError(
+          "`accumulation_steps` must be >= 1, got"
+          f" {self.accumulation_steps}."
+      )
+
+  @property
+  def needs_teachers(self) -> bool:
+    return any(term.needs_teacher for term in self.objective)
+
+  # -- Forward passes ------------------------------------------------------
+
+  def teacher_outputs(
+      self, state: DistillState, images: jax.Array, batch: Batch
+  ) -> tuple[jax.Array | None, Mapping[str, jax.Array]]:
+    """Teacher logits ``[K, B, C]`` and features, cached or computed."""
+    if "teacher_logits" in batch:
+      logits = jnp.asarray(batch["teacher_logits"])
+      if logits.ndim == 2:
+        logits = logits[None]
+      return jax.lax.stop_gradient(logits), {}
+    if "teacher_topk_logits" in batch:
+      return jax.lax.stop_gradient(
+          expand_top_k(
+              batch["teacher_topk_logits"],
+              batch["teacher_topk_indices"],
+              self._num_classes(state, images),
+          )
+      ), {}
+    if not self.teachers:
+      return None, {}
+    out = teachers_lib.apply_teacher_groups(
+        self.teachers, state.teachers, images
+    )
+    features = out.features
+    if len(self.teachers) == 1:
+      # One group: features go by their plain names ("stage2"); with several
+      # groups they are "{group name}/{feature}".
+      prefix = f"{self.teachers[0].name}/"
+      features = {k.removeprefix(prefix): v for k, v in features.items()}
+    return out.logits, features
+
+  def _num_classes(self, state, images) -> int:
+    shape = jax.eval_shape(
+        lambda p, s, x: self.student.apply(p, s, x, train=False, rng=None)[0],
+        state.params["student"], state.model_state["student"], images,
+    )
+    return shape.shape[-1]
+
+  def _outputs(self, params, state, batch, *, key, train):
+    """Student and teacher outputs of a (micro-)batch."""
+    view_key, dropout_key = jax.random.split(key)
+    images = jnp.asarray(batch["image"])
+    labels = batch.get("label")
+    num_classes = self._num_classes(state, images)
+    if train:
+      student_images, teacher_images, labels = make_views(
+          self.views, images, labels, view_key, num_classes
+      )
+    else:
+      student_images = teacher_images = images
+    logits, features, new_student_state = self.student.apply(
+        params["student"],
+        state.model_state["student"],
+        student_images,
+        train=train,
+        rng=dropout_key if train else None,
+    )
+    teacher_logits, teacher_features = (
+        self.teacher_outputs(state, teacher_images, batch)
+        if self.needs_teachers or not train
+        else (None, {})
+    )
+    outputs = objective_lib.StepOutputs(
+        student_logits=logits,
+        student_features=features,
+        teacher_logits=teacher_logits,
+        teacher_features=teacher_features,
+        labels=labels,
+        step=state.step,
+        train=train,
+    )
+    return outputs, new_student_state
+
+  def objective_value(self, params, state, batch, *, key, train=True):
+    """The weighted loss, the new model state and per-term metrics."""
+    outputs, new_student_state = self._outputs(
+        params, state, batch, key=key, train=train
+    )
+    total = jnp.zeros((), jnp.float32)
+    term_states = {}
+    metrics = {}
+    for term in self.objective:
+      value, term_states[term.name] = term.loss(
+          params["terms"][term.name],
+          state.model_state["terms"][term.name],
+          outputs,
+      )
+      weight = objective_lib.resolve(term.weight, state.step)
+      total = total + weight * value
+      metrics[f"loss/{term.name}"] = value
+    new_model_state = {"student": new_student_state, "terms": term_states}
+    return total, (new_model_state, metrics, outputs)
+
+  # -- Initialisation ------------------------------------------------------
+
+  def init(
+      self,
+      key: jax.Array,
+      sample_batch: Batch,
+      teacher_variables: Sequence[Any] = (),
+  ) -> DistillState:
+    """Builds the first state, checking the whole objective on the way.
+
+    Everything that can be wrong with the models, the feature names and the
+    shapes is found here, before any step runs: the step is traced once on
+    abstract values of ``sample_batch``.
+    """
+    teacher_variables = tuple(teacher_variables)
+    if len(teacher_variables) != len(self.teachers):
+      raise ValueError(
+          f"Got {len(teacher_variables)} teacher variable sets for"
+          f" {len(self.teachers)} teacher groups."
+      )
+    if self.needs_teachers and not self.teachers and not _has_cached_teacher(
+        sample_batch
+    ):
+      raise ValueError(
+          "The objective has teacher terms but no teachers were given and"
+          " the batch has no cached `teacher_logits`."
+      )
+    student_key, terms_key, rng_key = jax.random.split(key, 3)
+    images = jnp.asarray(sample_batch["image"])
+    student_params, student_state = self.student.init(student_key, images[:2])
+    state = DistillState(
+        step=jnp.zeros((), jnp.int32),
+        params={"student": student_params, "terms": {}},
+        model_state={"student": student_state, "terms": {}},
+        opt_state=None,
+        rng=jax.random.key_data(rng_key),
+        teachers=teacher_variables,
+    )
+    # Term parameters depend on output shapes only: build them from zeros
+    # of the abstract outputs of a two-example batch.
+    small_batch = jax.tree.map(lambda x: jnp.asarray(x)[:2], dict(sample_batch))
+    if "teacher_logits" in small_batch and small_batch["teacher_logits"].ndim == 3:
+      small_batch["teacher_logits"] = jnp.asarray(
+          sample_batch["teacher_logits"]
+      )[:, :2]
+    abstract = jax.eval_shape(
+        lambda s: self._outputs(
+            s.params, s, small_batch, key=jax.random.key(0), train=False
+        )[0],
+        state,
+    )
+    self._check_classes(abstract)
+    outputs = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+    term_params, term_states = {}, {}
+    for term, term_key in zip(
+        self.objective, jax.random.split(terms_key, len(self.objective))
+    ):
+      term_params[term.name], term_states[term.name] = term.init(
+          term_key, outputs
+      )
+    params = {"student": student_params, "terms": term_params}
+    state = state.replace(
+        params=params,
+        model_state={"student": student_state, "terms": term_states},
+        opt_state=self.optimizer.init(params),
+    )
+    # Trace one step abstractly: shape errors surface now, not at step 1.
+    jax.eval_shape(self._train_step, state, dict(sample_batch))
+    return state
+
+  def _check_classes(self, outputs: objective_lib.StepOutputs) -> None:
+    if outputs.teacher_logits is None:
+      return
+    student_classes = outputs.student_logits.shape[-1]
+    teacher_classes = outputs.teacher_logits.shape[-1]
+    if student_classes != teacher_classes:
+      raise ValueError(
+          f"The teachers produce {teacher_classes} classes but the student"
+          f" {self.student.name!r} produces {student_classes}."
+      )
+
+  # -- The step ------------------------------------------------------------
+
+  def _grads(self, state, batch, key):
+    """Loss, gradients and auxiliaries, accumulated over micro-batches."""
+    grad_fn = jax.value_and_grad(
+        lambda p, s, b, k: self.objective_value(p, s, b, key=k), has_aux=True
+    )
+    steps = int(self.accumulation_steps)
+    if steps == 1:
+      (loss, (model_state, metrics, outputs)), grads = grad_fn(
+          state.params, state, batch, key
+      )
+      return loss, grads, model_state, metrics, outputs
+
+    def split(x):
+      x = jnp.asarray(x)
+      if x.ndim and x.shape[0] % steps:
+        raise ValueError(
+            f"The batch size {x.shape[0]} is not divisible by"
+            f" `accumulation_steps`={steps}."
+        )
+      return x.reshape((steps, x.shape[0] // steps) + x.shape[1:])
+
+    micro = {k: split(v) for k, v in batch.items() if k != "teacher_logits"}
+    if "teacher_logits" in batch:
+      t = jnp.asarray(batch["teacher_logits"])
+      t = t[None] if t.ndim == 2 else t
+      micro["teacher_logits"] = jnp.moveaxis(
+          t.reshape(t.shape[0], steps, -1, t.shape[-1]), 1, 0
+      )
+
+    def body(carry, inputs):
+      model_state, grad_sum, loss_sum = carry
+      micro_batch, micro_key = inputs
+      micro_state = state.replace(model_state=model_state)
+      (loss, (model_state, metrics, outputs)), grads = grad_fn(
+          state.params, micro_state, micro_batch, micro_key
+      )
+      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      return (model_state, grad_sum, loss_sum + loss), (metrics, outputs)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (model_state, grad_sum, loss_sum), (metrics, outputs) = jax.lax.scan(
+        body,
+        (state.model_state, zeros, jnp.zeros((), jnp.float32)),
+        (micro, jax.random.split(key, steps)),
+    )
+    grads = jax.tree.map(lambda g: g / steps, grad_sum)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    outputs = jax.tree.map(
+        lambda o: o.reshape((-1,) + o.shape[2:]) if o.ndim >= 2 else o[-1],
+        outputs,
+    )
+    return loss_sum / steps, grads, model_state, metrics, outputs
+
+  def _train_step(self, state: DistillState, batch: Batch):
+    key = jax.random.fold_in(
+        jax.random.wrap_key_data(state.rng), state.step
+    )
+    loss, grads, model_state, metrics, outputs = self._grads(
+        state, batch, key
+    )
+    # Optax's adam family mixes dtypes in its bias correction; standard
+    # promotion is scoped to the update alone.
+    with jax.numpy_dtype_promotion("standard"):
+      updates, opt_state = self.optimizer.update(
+          grads, state.opt_state, state.params
+      )
+      params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        model_state=model_state,
+        opt_state=opt_state,
+    )
+    if self.nonfinite == "skip":
+      new_state = jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old),
+          new_state,
+          state.replace(step=state.step + 1),
+      )
+    metrics = dict(metrics)
+    metrics.update(
+        loss=loss,
+        grad_norm=grad_norm,
+        nonfinite=jnp.logical_not(finite).astype(jnp.int32),
+        **_prediction_metrics(outputs),
+    )
+    return new_state, metrics
+
+  def _eval_step(self, state: DistillState, batch: Batch):
+    outputs, _ = self._outputs(
+        state.params, state, batch, key=jax.random.key(0), train=False
+    )
+    return evaluation_metrics(outputs, batch.get("mask"))
+
+
+def _has_cached_teacher(batch: Batch) -> bool:
+  return "teacher_logits" in batch or "teacher_topk_logits" in batch
+
+
+def expand_top_k(
+    top_logits: jax.Array, top_indices: jax.Array, num_classes: int
+) -> jax.Array:
+  """Full teacher logits from cached top-k entries; the rest are ``-inf``.
+
+  Args:
+    top_logits: ``[..., k]`` floating logits.
+    top_indices: ``[..., k]`` integer class indices.
+    num_classes: The number of classes ``C``.
+
+  Returns:
+    ``[..., C]`` logits, ``-inf`` outside the cached classes.
+  """
+  top_logits = jnp.asarray(top_logits, jnp.float32)
+  full = jnp.full(top_logits.shape[:-1] + (num_classes,), -jnp.inf)
+  one_hot = jax.nn.one_hot(top_indices, num_classes, dtype=jnp.bool_)
+  # Each cached class sets its own entry; the rest stay -inf.
+  values = jnp.where(one_hot, top_logits[..., None], -jnp.inf)
+  return jnp.maximum(full, jnp.max(values, axis=-2))
+
+
+def cache_teacher_outputs(
+    logits: jax.Array, *, top_k: int | None = None
+) -> dict[str, jax.Array]:
+  """The batch entries for offline distillation from teacher logits.
+
+  Args:
+    logits: ``[K, B, C]`` or ``[B, C]`` teacher logits.
+    top_k: Keep only the ``top_k`` largest logits per example (and their
+      indices); ``None`` keeps all.
+
+  Returns:
+    ``{"teacher_logits": ...}`` or ``{"teacher_topk_logits": ...,
+    "teacher_topk_indices": ...}`` to merge into the batch.
+  """
+  logits = jnp.asarray(logits)
+  if top_k is None:
+    return {"teacher_logits": logits}
+  if not 0 < top_k <= logits.shape[-1]:
+    raise ValueError(
+        f"`top_k` must lie in [1, {logits.shape[-1]}], got {top_k}."
+    )
+  values, indices = jax.lax.top_k(logits, top_k)
+  return {"teacher_topk_logits": values, "teacher_topk_indices": indices}
+
+
+def _prediction_metrics(outputs: objective_lib.StepOutputs) -> dict:
+  metrics = {}
+  predictions = jnp.argmax(outputs.student_logits, axis=-1)
+  labels = outputs.labels
+  if labels is not None:
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+      labels = jnp.argmax(labels, axis=-1)
+    metrics["accuracy"] = jnp.mean(predictions == labels)
+  if outputs.teacher_logits is not None:
+    ensemble = jnp.argmax(
+        losses.ensemble_log_soft_targets(outputs.teacher_logits), axis=-1
+    )
+    metrics["teacher_agreement"] = jnp.mean(predictions == ensemble)
+  return metrics
+
+
+def _as_float(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
+def evaluation_metrics(
+    outputs: objective_lib.StepOutputs, mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
+  """Sums over a batch of accuracy, loss, agreement and KL, with a count.
+
+  Sums (not means) let a loop add batches of any size, padded batches
+  included (``mask``), and divide by ``count`` at the end.
+  """
+  logits = outputs.student_logits.astype(jnp.float32)
+  weights = (
+      jnp.ones(logits.shape[:1], jnp.float32)
+      if mask is None
+      else jnp.asarray(mask).astype(jnp.float32)
+  )
+  metrics = {"count": jnp.sum(weights)}
+  predictions = jnp.argmax(logits, axis=-1)
+  if outputs.labels is not None:
+    labels = outputs.labels
+    metrics["correct"] = jnp.sum(weights * _as_float(predictions == labels))
+    metrics["loss"] = jnp.sum(
+        weights
+        * optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    )
+  if outputs.teacher_logits is not None:
+    teacher_logits = outputs.teacher_logits.astype(jnp.float32)
+    log_ensemble = losses.ensemble_log_soft_targets(teacher_logits)
+    metrics["teacher_agreement"] = jnp.sum(
+        weights * _as_float(predictions == jnp.argmax(log_ensemble, axis=-1))
+    )
+    metrics["kl_to_teachers"] = jnp.sum(
+        weights * losses.kl_divergence(logits, log_ensemble)
+    )
+    if outputs.labels is not None:
+      teacher_correct = jnp.argmax(teacher_logits, -1) == labels[None]
+      metrics["teacher_correct"] = jnp.sum(
+          weights[None] * _as_float(teacher_correct), axis=-1
+      )
+  return metrics
+
+
+def make_train_step(
+    distillation: Distillation, *, donate: bool = True
+) -> Callable[[DistillState, Batch], tuple[DistillState, dict]]:
+  """The jitted pure step ``(state, batch) -> (state, metrics)``.
+
+  The state is donated (its buffers are reused for the new state) unless
+  ``donate=False``. Randomness of step ``s`` comes from
+  ``fold_in(state.rng, s)``.
+  """
+  return jax.jit(
+      distillation._train_step,  # pylint: disable=protected-access
+      donate_argnums=(0,) if donate else (),
+  )
+
+
+def make_eval_step(
+    distillation: Distillation,
+) -> Callable[[DistillState, Batch], dict]:
+  """The jitted ``(state, batch) -> metric sums`` (see evaluation_metrics)."""
+  return jax.jit(distillation._eval_step)  # pylint: disable=protected-access
+
+
+def summarize(metric_sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Adds per-batch sums from the eval step and divides by the count."""
+  total: dict[str, np.ndarray] = {}
+  for sums in metric_sums:
+    for name, value in sums.items():
+      total[name] = total.get(name, 0) + np.asarray(value, np.float64)
+  count = float(total.pop("count", 0.0))
+  if count == 0:
+    return {}
+  out = {}
+  for name, value in total.items():
+    key = {"correct": "accuracy", "teacher_correct": "teacher_accuracy"}.get(
+        name, name
+    )
+    value = value / count
+    out[key] = value.tolist() if np.ndim(value) else float(value)
+  return out
+
+
