@@ -93,18 +93,47 @@ def from_linen(module: nn.Module, *, name: str | None = None) -> Model:
   return Model(init=init, apply=apply, name=name or type(module).__name__)
 
 
+def _nnx_rngs(key: jax.Array) -> nnx.Rngs:
+  """Named ``params`` and ``dropout`` streams (and a ``default`` fallback)."""
+  params_key, dropout_key, default_key = jax.random.split(key, 3)
+  return nnx.Rngs(default_key, params=params_key, dropout=dropout_key)
+
+
+def _reseed_all(module: nnx.Module, rng: jax.Array) -> None:
+  """Reseeds every RNG stream stored in ``module`` from ``rng``.
+
+  The ``dropout`` stream gets ``rng`` itself; any other stored stream (for
+  example one a module took from the ``default`` stream) gets an independent
+  key folded from it, so that ``rng`` drives all of the module's randomness.
+  """
+  tags = sorted({
+      node.key.tag
+      for _, node in nnx.iter_graph(module)
+      if isinstance(node, nnx.RngStream)
+  })
+  keys = {
+      tag: rng if tag == "dropout" else jax.random.fold_in(rng, index + 1)
+      for index, tag in enumerate(tags)
+  }
+  if keys:
+    nnx.reseed(module, **keys)
+
+
 def from_nnx(
     make_module: Callable[[nnx.Rngs], nnx.Module], *, name: str | None = None
 ) -> Model:
   """Wraps a ``flax.nnx`` module into the :class:`Model` contract.
 
-  ``make_module(rngs)`` builds the module; ``init`` calls it with
-  ``nnx.Rngs(key)`` and splits it into its graph definition (kept static),
-  its ``nnx.Param`` leaves (the params) and every other variable (the state:
-  BatchNorm statistics, RNG counters). ``apply`` merges them, switches the
-  module to train or eval mode, calls it, and splits the updated state out
-  again. The module's ``__call__(x)`` returns ``logits`` or
-  ``(logits, features)``.
+  ``make_module(rngs)`` builds the module; ``init`` calls it with an
+  ``nnx.Rngs`` holding ``params`` and ``dropout`` streams (and a ``default``
+  one) derived from ``key``, and splits it into its graph definition (kept
+  static), its ``nnx.Param`` leaves (the params) and every other variable
+  (the state: BatchNorm statistics, RNG keys and counters). ``apply`` merges
+  copies of them, switches the module to train or eval mode, calls it, and
+  splits the updated state out again; ``rng``, when given, reseeds every RNG
+  stream stored in the module (the ``dropout`` stream gets ``rng`` itself).
+  The caller's ``params`` and ``state`` are never mutated. The module's
+  ``__call__(x)`` returns ``logits`` or ``(logits, features)``.
 
   Args:
     make_module: Builds the module from an ``nnx.Rngs``.
@@ -113,23 +142,28 @@ def from_nnx(
   Returns:
     The wrapped :class:`Model`.
   """
-  # The graph definition is static; an abstract build gives it for free.
-  abstract = nnx.eval_shape(lambda: make_module(nnx.Rngs(0)))
+  # The graph definition is static; an abstract build gives it for free. It
+  # must be built with the same stream names as ``init`` (RNG streams stored in
+  # the module, as ``nnx.Dropout`` does, are part of the graph).
+  abstract = nnx.eval_shape(lambda: make_module(_nnx_rngs(jax.random.key(0))))
   graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
 
   def init(key: jax.Array, x: jax.Array) -> tuple[PyTree, PyTree]:
     del x  # nnx modules are built with explicit shapes.
-    _, params, state = nnx.split(make_module(nnx.Rngs(key)), nnx.Param, ...)
+    _, params, state = nnx.split(make_module(_nnx_rngs(key)), nnx.Param, ...)
     return params, state
 
   def apply(params, state, x, *, train: bool, rng: jax.Array | None = None):
-    module = nnx.merge(graphdef, params, state)
+    # ``copy=True``: without it the merged module shares its Variables with
+    # ``params`` and ``state``, and a training call would mutate the caller's
+    # state in place (BatchNorm statistics, RNG counters).
+    module = nnx.merge(graphdef, params, state, copy=True)
     if train:
       module.train()
     else:
       module.eval()
     if rng is not None:
-      nnx.reseed(module, dropout=rng)
+      _reseed_all(module, rng)
     out = module(x)
     logits, features = out if isinstance(out, tuple) else (out, {})
     _, _, new_state = nnx.split(module, nnx.Param, ...)
