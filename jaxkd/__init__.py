@@ -1,8 +1,26 @@
-"""jaxkd: knowledge distillation for JAX and Flax."""
+"""jaxkd: knowledge distillation for JAX and Flax.
+
+Modules: ``losses`` (pure loss functions), ``schedules``, ``adaptors``,
+``models`` (the model contract and bundled architectures), ``teachers``
+(stacked teachers and how they run), ``objective`` (terms of a distillation
+objective), ``sweep`` (vmapped hyper-parameter sweeps). The engine's entry
+points are re-exported here and nowhere else.
+"""
 
 import importlib.metadata
 
+from jaxkd import adaptors as adaptors
 from jaxkd import losses as losses
+from jaxkd import models as models
+from jaxkd import objective as objective
+from jaxkd import schedules as schedules
+from jaxkd import sweep as sweep
+from jaxkd import teachers as teachers
+from jaxkd.state import DistillState as DistillState
+from jaxkd.train_step import Distillation as Distillation
+from jaxkd.train_step import Views as Views
+from jaxkd.train_step import make_eval_step as make_eval_step
+from jaxkd.train_step import make_train_step as make_train_step
 
 try:
   __version__ = importlib.metadata.version("jaxkd")

@@ -39,13 +39,37 @@ from jaxkd import adaptors
 from jaxkd import losses
 
 PyTree = Any
-ScheduleOrValue = float | Callable[[jax.Array], jax.Array]
+ScheduleOrValue = Any  # a float, a `step -> value` schedule or a Hyper
 
 TEACHER_REDUCTIONS = ("ensemble", "ensemble_logits", "mean", "confidence")
 
 
-def resolve(value: ScheduleOrValue, step: jax.Array) -> jax.Array:
-  """The value of a constant or a ``step -> value`` schedule at ``step``."""
+@dataclasses.dataclass(frozen=True)
+class Hyper:
+  """A hyper-parameter read from ``state.hparams[name]`` at every step.
+
+  Use it for a weight or temperature that a vmapped sweep varies across
+  students (``jaxkd.sweep``), or that the training loop changes without
+  recompiling (an adaptive weight).
+  """
+
+  name: str
+
+
+def resolve(
+    value: ScheduleOrValue | Hyper,
+    step: jax.Array,
+    hparams: Mapping[str, jax.Array] | None = None,
+) -> jax.Array:
+  """The value of a constant, a schedule or a :class:`Hyper` at ``step``."""
+  if isinstance(value, Hyper):
+    if not hparams or value.name not in hparams:
+      raise ValueError(
+          f"The objective reads the hyper-parameter {value.name!r}, but the"
+          f" state has {sorted(hparams or {})}: pass"
+          f" `hparams={{{value.name!r}: ...}}` to `Distillation.init`."
+      )
+    return jnp.asarray(hparams[value.name], jnp.float32)
   if callable(value):
     return jnp.asarray(value(step), jnp.float32)
   return jnp.asarray(value, jnp.float32)
@@ -65,7 +89,12 @@ class StepOutputs(struct.PyTreeNode):
   teacher_features: Mapping[str, jax.Array]
   labels: jax.Array | None
   step: jax.Array
+  hparams: Mapping[str, jax.Array]
   train: bool = struct.field(pytree_node=False)
+
+  def resolve(self, value: ScheduleOrValue | Hyper) -> jax.Array:
+    """A term's weight or temperature at this step."""
+    return resolve(value, self.step, self.hparams)
 
 
 def _mean_loss(loss: jax.Array) -> jax.Array:
@@ -106,6 +135,18 @@ class Term:
       self, params: PyTree, state: PyTree, outputs: StepOutputs
   ) -> tuple[jax.Array, PyTree]:
     raise NotImplementedError
+
+  def update(
+      self, state: PyTree, outputs: StepOutputs, key: jax.Array
+  ) -> tuple[PyTree, Mapping[str, jax.Array]]:
+    """Runs after the student's update, on outputs without gradient.
+
+    A term with a model of its own (a discriminator) trains it here, with
+    its own optimiser whose state lives in the term's state. Returns the new
+    term state and metrics. The default does nothing.
+    """
+    del outputs, key
+    return state, {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +255,7 @@ class LogitTerm(Term):
     temperature = (
         None
         if self.temperature is None
-        else resolve(self.temperature, outputs.step)
+        else outputs.resolve(self.temperature)
     )
     student = outputs.student_logits.astype(jnp.float32)
     teachers = outputs.teacher_logits.astype(jnp.float32)
@@ -386,3 +427,31 @@ def check_unique_names(terms: Sequence[Term]) -> None:
           " `name=`."
       )
     seen.add(term.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentTerm(Term):
+  """A loss of the student's logits and the labels alone.
+
+  The default is teacher-free distillation (Yuan et al., 2020):
+  ``losses.teacher_free_kd_loss`` towards a virtual teacher built from the
+  labels, so no teacher runs.
+  """
+
+  loss_fn: Callable[..., jax.Array] = losses.teacher_free_kd_loss
+  weight: ScheduleOrValue = 1.0
+  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  name: str = "teacher_free"
+  needs_teacher: bool = False
+
+  def loss(self, params, state, outputs):
+    del params
+    if outputs.labels is None:
+      raise ValueError(f"Term {self.name!r} needs labels in the batch.")
+    labels = outputs.labels
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+      labels = jnp.argmax(labels, axis=-1)
+    value = self.loss_fn(
+        outputs.student_logits.astype(jnp.float32), labels, **self.kwargs
+    )
+    return _mean_loss(value), state

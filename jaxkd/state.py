@@ -26,6 +26,8 @@ class DistillState(struct.PyTreeNode):
     teachers: One ``jaxkd.teachers.TeacherVariables`` per teacher group.
       Never passed to the optimiser, never differentiated, and left out of
       the student's checkpoints.
+    hparams: Named float32 scalars read by ``objective.Hyper`` terms
+      (weights, temperatures) that vary without recompiling.
   """
 
   step: jax.Array
@@ -34,6 +36,7 @@ class DistillState(struct.PyTreeNode):
   opt_state: PyTree
   rng: jax.Array
   teachers: tuple[Any, ...] = ()
+  hparams: dict[str, jax.Array] = struct.field(default_factory=dict)
 
   @property
   def student_params(self) -> PyTree:

@@ -30,7 +30,7 @@ import optax
 from jaxkd import losses
 from jaxkd import objective as objective_lib
 from jaxkd import teachers as teachers_lib
-from jaxkd.models._contract import Model
+from jaxkd.models import Model
 from jaxkd.state import DistillState
 
 PyTree = Any
@@ -65,38 +65,47 @@ class Views:
       raise ValueError(f"`mixup_alpha` must be >= 0, got {self.mixup_alpha}.")
 
 
-def _mixup(images, labels, key, alpha, num_classes):
+def _mixup(images, labels, key, alpha):
+  """Mixed images and a function of the class count giving mixed labels."""
   lam_key, perm_key = jax.random.split(key)
   lam = jax.random.beta(lam_key, alpha, alpha).astype(jnp.float32)
   perm = jax.random.permutation(perm_key, images.shape[0])
   mixed = lam.astype(images.dtype) * images + (1 - lam).astype(
       images.dtype
   ) * images[perm]
-  if labels is not None:
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-      labels = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    labels = lam * labels + (1 - lam) * labels[perm]
-  return mixed, labels
+
+  def mixed_labels(num_classes: int) -> jax.Array | None:
+    if labels is None:
+      return None
+    soft = labels
+    if jnp.issubdtype(soft.dtype, jnp.integer):
+      soft = jax.nn.one_hot(soft, num_classes, dtype=jnp.float32)
+    return lam * soft + (1 - lam) * soft[perm]
+
+  return mixed, mixed_labels
 
 
 def make_views(
-    views: Views, images, labels, key, num_classes
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Returns ``(student_images, teacher_images, labels)`` for one step."""
+    views: Views, images, labels, key
+) -> tuple[jax.Array, jax.Array, Callable[[int], jax.Array | None]]:
+  """``(student_images, teacher_images, labels_for)`` of one step.
+
+  ``labels_for(num_classes)`` gives the step's labels: the batch's, or their
+  mixup (soft, ``[B, num_classes]``).
+  """
   shared_key, mix_key, student_key, teacher_key = jax.random.split(key, 4)
   if views.shared is not None:
     images = views.shared(images, shared_key)
+  labels_for = lambda num_classes: labels
   if views.mixup_alpha > 0:
-    images, labels = _mixup(
-        images, labels, mix_key, views.mixup_alpha, num_classes
-    )
+    images, labels_for = _mixup(images, labels, mix_key, views.mixup_alpha)
   student_images = (
       images if views.student is None else views.student(images, student_key)
   )
   teacher_images = (
       images if views.teacher is None else views.teacher(images, teacher_key)
   )
-  return student_images, teacher_images, labels
+  return student_images, teacher_images, labels_for
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -150,7 +159,11 @@ class Distillation:
   # -- Forward passes ------------------------------------------------------
 
   def teacher_outputs(
-      self, state: DistillState, images: jax.Array, batch: Batch
+      self,
+      state: DistillState,
+      images: jax.Array,
+      batch: Batch,
+      num_classes: int,
   ) -> tuple[jax.Array | None, Mapping[str, jax.Array]]:
     """Teacher logits ``[K, B, C]`` and features, cached or computed."""
     if "teacher_logits" in batch:
@@ -163,7 +176,7 @@ class Distillation:
           expand_top_k(
               batch["teacher_topk_logits"],
               batch["teacher_topk_indices"],
-              self._num_classes(state, images),
+              num_classes,
           )
       ), {}
     if not self.teachers:
@@ -179,25 +192,18 @@ class Distillation:
       features = {k.removeprefix(prefix): v for k, v in features.items()}
     return out.logits, features
 
-  def _num_classes(self, state, images) -> int:
-    shape = jax.eval_shape(
-        lambda p, s, x: self.student.apply(p, s, x, train=False, rng=None)[0],
-        state.params["student"], state.model_state["student"], images,
-    )
-    return shape.shape[-1]
-
   def _outputs(self, params, state, batch, *, key, train):
     """Student and teacher outputs of a (micro-)batch."""
     view_key, dropout_key = jax.random.split(key)
     images = jnp.asarray(batch["image"])
     labels = batch.get("label")
-    num_classes = self._num_classes(state, images)
     if train:
-      student_images, teacher_images, labels = make_views(
-          self.views, images, labels, view_key, num_classes
+      student_images, teacher_images, labels_for = make_views(
+          self.views, images, labels, view_key
       )
     else:
       student_images = teacher_images = images
+      labels_for = lambda num_classes: labels
     logits, features, new_student_state = self.student.apply(
         params["student"],
         state.model_state["student"],
@@ -205,8 +211,10 @@ class Distillation:
         train=train,
         rng=dropout_key if train else None,
     )
+    num_classes = logits.shape[-1]
+    labels = labels_for(num_classes)
     teacher_logits, teacher_features = (
-        self.teacher_outputs(state, teacher_images, batch)
+        self.teacher_outputs(state, teacher_images, batch, num_classes)
         if self.needs_teachers or not train
         else (None, {})
     )
@@ -217,6 +225,7 @@ class Distillation:
         teacher_features=teacher_features,
         labels=labels,
         step=state.step,
+        hparams=state.hparams,
         train=train,
     )
     return outputs, new_student_state
@@ -235,7 +244,7 @@ class Distillation:
           state.model_state["terms"][term.name],
           outputs,
       )
-      weight = objective_lib.resolve(term.weight, state.step)
+      weight = outputs.resolve(term.weight)
       total = total + weight * value
       metrics[f"loss/{term.name}"] = value
     new_model_state = {"student": new_student_state, "terms": term_states}
@@ -248,12 +257,24 @@ class Distillation:
       key: jax.Array,
       sample_batch: Batch,
       teacher_variables: Sequence[Any] = (),
+      *,
+      hparams: Mapping[str, float] | None = None,
   ) -> DistillState:
     """Builds the first state, checking the whole objective on the way.
 
     Everything that can be wrong with the models, the feature names and the
     shapes is found here, before any step runs: the step is traced once on
     abstract values of ``sample_batch``.
+
+    Args:
+      key: PRNG key of the student's and the terms' initialisation and of
+        every step's randomness.
+      sample_batch: A batch of the shapes training will use.
+      teacher_variables: One ``TeacherVariables`` per teacher group.
+      hparams: Values of the objective's ``Hyper`` placeholders.
+
+    Returns:
+      The initial :class:`DistillState`.
     """
     teacher_variables = tuple(teacher_variables)
     if len(teacher_variables) != len(self.teachers):
@@ -268,29 +289,42 @@ class Distillation:
           "The objective has teacher terms but no teachers were given and"
           " the batch has no cached `teacher_logits`."
       )
+    state = self.initial_state(key, sample_batch, teacher_variables, hparams)
+    # Trace one step abstractly: shape errors surface now, not at step 1.
+    jax.eval_shape(self._train_step, state, dict(sample_batch))
+    return state
+
+  def initial_state(
+      self,
+      key: jax.Array,
+      sample_batch: Batch,
+      teacher_variables: Sequence[Any],
+      hparams: Mapping[str, float] | None,
+  ) -> DistillState:
+    """:meth:`init` without the validating trace of a whole step."""
     student_key, terms_key, rng_key = jax.random.split(key, 3)
     images = jnp.asarray(sample_batch["image"])
-    student_params, student_state = self.student.init(student_key, images[:2])
+    student_params, student_state = self.student.init(student_key, images)
     state = DistillState(
         step=jnp.zeros((), jnp.int32),
         params={"student": student_params, "terms": {}},
         model_state={"student": student_state, "terms": {}},
         opt_state=None,
         rng=jax.random.key_data(rng_key),
-        teachers=teacher_variables,
+        teachers=tuple(teacher_variables),
+        hparams={
+            name: jnp.asarray(value, jnp.float32)
+            for name, value in (hparams or {}).items()
+        },
     )
     # Term parameters depend on output shapes only: build them from zeros
-    # of the abstract outputs of a two-example batch.
-    small_batch = jax.tree.map(lambda x: jnp.asarray(x)[:2], dict(sample_batch))
-    if "teacher_logits" in small_batch and small_batch["teacher_logits"].ndim == 3:
-      small_batch["teacher_logits"] = jnp.asarray(
-          sample_batch["teacher_logits"]
-      )[:, :2]
+    # of the abstract outputs (nothing is computed).
     abstract = jax.eval_shape(
-        lambda s: self._outputs(
-            s.params, s, small_batch, key=jax.random.key(0), train=False
+        lambda s, b: self._outputs(
+            s.params, s, b, key=jax.random.key(0), train=False
         )[0],
         state,
+        dict(sample_batch),
     )
     self._check_classes(abstract)
     outputs = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
@@ -302,14 +336,11 @@ class Distillation:
           term_key, outputs
       )
     params = {"student": student_params, "terms": term_params}
-    state = state.replace(
+    return state.replace(
         params=params,
         model_state={"student": student_state, "terms": term_states},
         opt_state=self.optimizer.init(params),
     )
-    # Trace one step abstractly: shape errors surface now, not at step 1.
-    jax.eval_shape(self._train_step, state, dict(sample_batch))
-    return state
 
   def _check_classes(self, outputs: objective_lib.StepOutputs) -> None:
     if outputs.teacher_logits is None:
@@ -334,6 +365,7 @@ class Distillation:
       (loss, (model_state, metrics, outputs)), grads = grad_fn(
           state.params, state, batch, key
       )
+      metrics = {**metrics, **_prediction_metrics(outputs)}
       return loss, grads, model_state, metrics, outputs
 
     def split(x):
@@ -361,6 +393,7 @@ class Distillation:
           state.params, micro_state, micro_batch, micro_key
       )
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      metrics = {**metrics, **_prediction_metrics(outputs)}
       return (model_state, grad_sum, loss_sum + loss), (metrics, outputs)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -371,10 +404,8 @@ class Distillation:
     )
     grads = jax.tree.map(lambda g: g / steps, grad_sum)
     metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-    outputs = jax.tree.map(
-        lambda o: o.reshape((-1,) + o.shape[2:]) if o.ndim >= 2 else o[-1],
-        outputs,
-    )
+    # Terms' update hooks see the last micro-batch.
+    outputs = jax.tree.map(lambda o: o[-1], outputs)
     return loss_sum / steps, grads, model_state, metrics, outputs
 
   def _train_step(self, state: DistillState, batch: Batch):
@@ -391,7 +422,22 @@ class Distillation:
           grads, state.opt_state, state.params
       )
       params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    outputs = jax.lax.stop_gradient(outputs)
+    term_states = dict(model_state["terms"])
+    for term, term_key in zip(
+        self.objective, jax.random.split(
+            jax.random.fold_in(key, 1), len(self.objective)
+        )
+    ):
+      term_states[term.name], term_metrics = term.update(
+          term_states[term.name], outputs, term_key
+      )
+      metrics = {
+          **metrics,
+          **{f"{term.name}/{k}": v for k, v in term_metrics.items()},
+      }
+    model_state = {**model_state, "terms": term_states}
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.replace(
         step=state.step + 1,
@@ -400,17 +446,17 @@ class Distillation:
         opt_state=opt_state,
     )
     if self.nonfinite == "skip":
+      # The teachers pass through untouched (and unbatched under a sweep).
       new_state = jax.tree.map(
           lambda new, old: jnp.where(finite, new, old),
-          new_state,
-          state.replace(step=state.step + 1),
-      )
+          new_state.replace(teachers=()),
+          state.replace(step=state.step + 1, teachers=()),
+      ).replace(teachers=state.teachers)
     metrics = dict(metrics)
     metrics.update(
         loss=loss,
         grad_norm=grad_norm,
         nonfinite=jnp.logical_not(finite).astype(jnp.int32),
-        **_prediction_metrics(outputs),
     )
     return new_state, metrics
 

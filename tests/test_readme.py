@@ -1,0 +1,34 @@
+"""The README tells the truth: its API table, its commands."""
+
+import pathlib
+import re
+
+from jaxkd import losses
+from tools import api_table
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_api_table_is_current():
+  assert api_table.render(README) == README, (
+      "README.md's API table is out of date: run `python -m tools.api_table`"
+  )
+
+
+def test_api_table_lists_every_public_loss():
+  public = [n for n in dir(losses) if not n.startswith("_")]
+  public = [n for n in public if callable(getattr(losses, n))]
+  missing = [n for n in public if f"`losses.{n}`" not in README]
+  assert not missing, missing
+
+
+def test_ci_runs_the_readme_test_command():
+  commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
+  test_command = next(c for c in commands if "pytest" in c)
+  install, run = re.search(
+      r"(pip install -e \"\.\[test\]\") && (python -m pytest -q)", test_command
+  ).groups()
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert f"python -m {install}" in ci
+  assert run in ci

@@ -1,0 +1,402 @@
+"""The compiled distillation step: routes to the same numbers, and training."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxkd import losses
+from jaxkd import objective
+from jaxkd import sweep
+from jaxkd import teachers
+from jaxkd import train_step
+from jaxkd.models._contract import from_linen
+from tests import helpers
+from tests import tiny
+
+STUDENT = from_linen(tiny.TinyCNN(width=4), name="student")
+TEACHER = from_linen(tiny.TinyCNN(width=8), name="teacher")
+KD = [objective.LabelTerm(weight=0.1),
+      objective.LogitTerm(weight=0.9, temperature=4.0)]
+
+
+@functools.lru_cache(maxsize=None)
+def trained_teachers(k: int = 3):
+  """K small teachers trained briefly on real digits (labels only)."""
+  spec = train_step.Distillation(
+      student=TEACHER, objective=[objective.LabelTerm()],
+      optimizer=optax.adam(1e-2),
+  )
+  step = train_step.make_train_step(spec)
+  params, states = [], []
+  for i in range(k):
+    batches = tiny.digit_batches(64, 30, seed=100 + i)
+    state = spec.init(jax.random.key(i), batches[0])
+    for batch in batches:
+      state, _ = step(state, batch)
+    params.append(state.params["student"])
+    states.append(state.model_state["student"])
+  return params, states
+
+
+def teacher_group(k=3, strategy="auto"):
+  params, states = trained_teachers(3)
+  return teachers.TeacherGroup.create(
+      TEACHER, params[:k], states[:k], strategy=strategy
+  )
+
+
+def run(spec, batches, teacher_variables=(), key=0, **init_kwargs):
+  state = spec.init(jax.random.key(key), batches[0], teacher_variables,
+                    **init_kwargs)
+  step = train_step.make_train_step(spec, donate=False)
+  history = []
+  for batch in batches:
+    state, metrics = step(state, batch)
+    history.append(jax.tree.map(np.asarray, metrics))
+  return state, history
+
+
+def assert_trains(history, key="loss"):
+  first = np.mean([m[key] for m in history[:3]])
+  last = np.mean([m[key] for m in history[-3:]])
+  assert last < first, (first, last)
+  assert all(m["nonfinite"] == 0 for m in history)
+
+
+BATCHES = tiny.digit_batches(32, 12, seed=1)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "scan", "unroll"])
+def test_k3_strategies_equal_a_python_loop_of_teachers(strategy):
+  group, variables = teacher_group(3, strategy)
+  spec = train_step.Distillation(
+      student=STUDENT, teachers=[group], objective=KD,
+      optimizer=optax.sgd(0.1),
+  )
+  state, _ = run(spec, BATCHES[:3], [variables])
+  # Second route: the teachers run one by one in Python, outside the step,
+  # and their logits reach the same step as an offline cache.
+  cached_spec = train_step.Distillation(
+      student=STUDENT, objective=KD, optimizer=optax.sgd(0.1)
+  )
+  params, states = trained_teachers(3)
+  cached = []
+  for batch in BATCHES[:3]:
+    logits = jnp.stack([
+        TEACHER.apply(p, s, batch["image"], train=False, rng=None)[0]
+        for p, s in zip(params, states)
+    ])
+    cached.append({**batch, "teacher_logits": logits})
+  reference, _ = run(cached_spec, cached)
+  helpers.assert_close(state.params, reference.params, rtol=1e-4, atol=1e-6)
+
+
+def test_only_student_and_adaptors_change():
+  group, variables = teacher_group(2)
+  terms = KD + [objective.FeatureTerm(
+      loss_fn=losses.hint_loss, student_feature="stage2",
+      teacher_feature="stage2", adaptor="auto", name="hint")]
+  spec = train_step.Distillation(
+      student=STUDENT, teachers=[group], objective=terms,
+      optimizer=optax.adam(1e-2),
+  )
+  start = spec.init(jax.random.key(0), BATCHES[0], [variables])
+  before = jax.tree.map(np.array, start)
+  state, _ = run(spec, BATCHES[:2], [variables])
+  jax.tree.map(np.testing.assert_array_equal, state.teachers, before.teachers)
+  changed = jax.tree.map(
+      lambda a, b: not np.array_equal(a, b), state.params, before.params
+  )
+  assert all(jax.tree.leaves(changed["student"]))
+  assert all(jax.tree.leaves(changed["terms"]["hint"]))
+  # The optimiser state holds the student and the adaptor only.
+  opt_params = jax.tree.structure(state.params)
+  assert "teachers" not in str(opt_params)
+
+
+@pytest.mark.parametrize(
+    "name, terms, views",
+    [
+        ("hard labels on", KD, None),
+        ("hard labels off", [objective.LogitTerm(temperature=4.0)], None),
+        ("ensemble of logits",
+         [objective.LogitTerm(teachers="ensemble_logits")], None),
+        ("mean of per-teacher losses",
+         [objective.LogitTerm(teachers="mean")], None),
+        ("confidence weights",
+         [objective.LogitTerm(teachers="confidence")], None),
+        ("decoupled KD", [objective.LogitTerm(
+            loss_fn=losses.dkd_loss, with_labels=True, name="dkd",
+            kwargs={"alpha": 1.0, "beta": 8.0})], None),
+        ("function matching with mixup", KD,
+         train_step.Views(
+             shared=lambda x, k: x + 0.05 * jax.random.normal(k, x.shape),
+             mixup_alpha=0.4)),
+        ("separate views", KD,
+         train_step.Views(
+             student=lambda x, k: x + 0.2 * jax.random.normal(k, x.shape))),
+        ("perturbation-robust", KD,
+         train_step.Views(teacher=functools.partial(
+             losses.perturb_inputs, noise_scale=0.1))),
+        ("attention transfer", [objective.LabelTerm(), objective.FeatureTerm(
+            loss_fn=losses.attention_transfer_loss, student_feature="stage1",
+            teacher_feature="stage1", weight=100.0, name="at")], None),
+        ("similarity preserving", [objective.LabelTerm(),
+                                   objective.FeatureTerm(
+            loss_fn=losses.similarity_preserving_loss,
+            student_feature="stage2", teacher_feature="stage2",
+            weight=10.0, name="sp")], None),
+        ("rkd + pkt on embeddings", [
+            objective.LabelTerm(),
+            objective.FeatureTerm(loss_fn=losses.rkd_distance_loss,
+                                  name="rkd"),
+            objective.FeatureTerm(loss_fn=losses.pkt_loss, name="pkt")],
+         None),
+        ("crd", [objective.LabelTerm(),
+                 objective.CRDTerm(dim=16, queue_size=128)], None),
+    ],
+)
+def test_option_trains_on_real_digits(name, terms, views):
+  del name
+  group, variables = teacher_group(2)
+  spec = train_step.Distillation(
+      student=STUDENT, teachers=[group], objective=terms,
+      optimizer=optax.adam(1e-2), views=views or train_step.Views(),
+  )
+  _, history = run(spec, BATCHES, [variables])
+  assert_trains(history)
+
+
+def test_teacher_free_needs_no_teacher():
+  spec = train_step.Distillation(
+      student=STUDENT, objective=[objective.StudentTerm()],
+      optimizer=optax.adam(1e-2),
+  )
+  assert not spec.needs_teachers
+  _, history = run(spec, BATCHES)
+  assert_trains(history)
+
+
+def test_offline_cache_equals_online_and_top_k_trains():
+  group, variables = teacher_group(2, "unroll")
+  spec = train_step.Distillation(
+      student=STUDENT, teachers=[group], objective=KD,
+      optimizer=optax.sgd(0.1),
+  )
+  online, _ = run(spec, BATCHES[:3], [variables])
+  logits_fn = jax.jit(lambda x: teachers.apply_teachers(group, variables,
+                                                        x).logits)
+  cached = [{**b, **train_step.cache_teacher_outputs(logits_fn(b["image"]))}
+            for b in BATCHES]
+  offline_spec = train_step.Distillation(
+      student=STUDENT, objective=KD, optimizer=optax.sgd(0.1)
+  )
+  offline, _ = run(offline_spec, cached[:3])
+  helpers.assert_close(offline.params, online.params, rtol=1e-5, atol=1e-7)
+  top_k = [{**b, **train_step.cache_teacher_outputs(logits_fn(b["image"]),
+                                                    top_k=3)}
+           for b in BATCHES]
+  _, history = run(offline_spec, top_k)
+  assert_trains(history)
+
+
+def test_expand_top_k_matches_scatter():
+  logits = np.array([[3.0, -1.0, 2.0, 0.5]], np.float32)
+  cached = train_step.cache_teacher_outputs(logits, top_k=2)
+  full = train_step.expand_top_k(
+      cached["teacher_topk_logits"], cached["teacher_topk_indices"], 4
+  )
+  np.testing.assert_array_equal(
+      np.asarray(full), [[3.0, -np.inf, 2.0, -np.inf]]
+  )
+
+
+def test_born_again_student_becomes_the_next_teacher():
+  spec = train_step.Distillation(
+      student=STUDENT, objective=[objective.LabelTerm()],
+      optimizer=optax.adam(1e-2),
+  )
+  first, _ = run(spec, BATCHES)
+  group, variables = teachers.TeacherGroup.create(
+      STUDENT, [first.params["student"]], [first.model_state["student"]],
+      name="generation_1",
+  )
+  second_spec = train_step.Distillation(
+      student=STUDENT, teachers=[group], objective=KD,
+      optimizer=optax.adam(1e-2),
+  )
+  _, history = run(second_spec, BATCHES, [variables], key=1)
+  assert_trains(history)
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+  mlp = from_linen(tiny.TinyMLP(), name="mlp")
+  teacher_mlp = from_linen(tiny.TinyMLP(width=32), name="teacher_mlp")
+  tp, ts = teacher_mlp.init(jax.random.key(5), BATCHES[0]["image"])
+  group, variables = teachers.TeacherGroup.create(teacher_mlp, [tp], [ts])
+  states = []
+  for steps in (1, 4):
+    spec = train_step.Distillation(
+        student=mlp, teachers=[group], objective=KD,
+        optimizer=optax.sgd(0.5), accumulation_steps=steps,
+    )
+    states.append(run(spec, BATCHES[:3], [variables])[0])
+  helpers.assert_close(states[0].params, states[1].params, rtol=1e-5,
+                       atol=1e-7)
+
+
+def test_mixed_precision_bfloat16_compute_float32_params():
+  bf16_student = from_linen(tiny.TinyCNN(width=4, dtype=jnp.bfloat16))
+  group, variables = teacher_group(1)
+  spec = train_step.Distillation(
+      student=bf16_student, teachers=[group], objective=KD,
+      optimizer=optax.adam(1e-2),
+  )
+  state, history = run(spec, BATCHES, [variables])
+  assert all(leaf.dtype == jnp.float32
+             for leaf in jax.tree.leaves(state.params))
+  assert history[0]["loss"].dtype == np.float32
+  assert_trains(history)
+
+
+def test_the_step_compiles_once():
+  traces = []
+
+  def counting_apply(*args, **kwargs):
+    traces.append(1)
+    return STUDENT.apply(*args, **kwargs)
+
+  counted = from_linen(tiny.TinyCNN(width=4))
+  counted = type(counted)(init=counted.init, apply=counting_apply,
+                          name="counted")
+  group, variables = teacher_group(2)
+  spec = train_step.Distillation(
+      student=counted, teachers=[group], objective=KD,
+      optimizer=optax.adam(1e-2),
+  )
+  state = spec.init(jax.random.key(0), BATCHES[0], [variables])
+  step = train_step.make_train_step(spec)
+  traces.clear()
+  for batch in BATCHES:
+    state, _ = step(state, batch)
+  assert len(traces) == 1
+
+
+def test_nonfinite_loss_is_reported_and_skipped():
+  group, variables = teacher_group(1)
+  spec = train_step.Distillation(
+      student=STUDENT, teachers=[group], objective=KD,
+      optimizer=optax.adam(1e-2),
+  )
+  state = spec.init(jax.random.key(0), BATCHES[0], [variables])
+  step = train_step.make_train_step(spec, donate=False)
+  bad = {**BATCHES[0], "image": BATCHES[0]["image"].at[0, 0, 0, 0].set(
+      jnp.nan)}
+  new_state, metrics = step(state, bad)
+  assert int(metrics["nonfinite"]) == 1
+  assert int(new_state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, new_state.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, new_state.opt_state,
+               state.opt_state)
+  # "apply" lets the update through (and poisons the parameters).
+  applying = train_step.Distillation(
+      student=STUDENT, teachers=[group], objective=KD,
+      optimizer=optax.adam(1e-2), nonfinite="apply",
+  )
+  poisoned, metrics = train_step.make_train_step(applying, donate=False)(
+      state, bad)
+  assert int(metrics["nonfinite"]) == 1
+  assert not all(np.all(np.isfinite(x))
+                 for x in jax.tree.leaves(poisoned.params))
+
+
+def test_sweep_equals_separate_runs():
+  group, variables = teacher_group(1)
+  terms = [objective.LabelTerm(weight=0.1),
+           objective.LogitTerm(weight=objective.Hyper("alpha"),
+                               temperature=objective.Hyper("temperature"))]
+  spec = train_step.Distillation(
+      student=STUDENT, teachers=[group], objective=terms,
+      optimizer=optax.sgd(0.1),
+  )
+  settings = {"temperature": [1.0, 4.0, 8.0], "alpha": [0.9, 0.5, 0.9]}
+  states = sweep.init_sweep(spec, jax.random.key(3), BATCHES[0], [variables],
+                            hparams=settings)
+  step = sweep.make_sweep_step(spec, donate=False)
+  for batch in BATCHES[:3]:
+    states, metrics = step(states, batch)
+  assert metrics["loss"].shape == (3,)
+  for i in range(3):
+    one = {name: values[i] for name, values in settings.items()}
+    state = spec.init(jax.random.fold_in(jax.random.key(3), i), BATCHES[0],
+                      [variables], hparams=one)
+    single = train_step.make_train_step(spec, donate=False)
+    for batch in BATCHES[:3]:
+      state, _ = single(state, batch)
+    helpers.assert_close(sweep.select(states, i).params, state.params,
+                         rtol=1e-4, atol=1e-6)
+
+
+def test_eval_step_matches_numpy():
+  group, variables = teacher_group(2)
+  spec = train_step.Distillation(
+      student=STUDENT, teachers=[group], objective=KD,
+      optimizer=optax.adam(1e-2),
+  )
+  state = spec.init(jax.random.key(0), BATCHES[0], [variables])
+  batch = {**BATCHES[0], "mask": jnp.arange(32) < 30}
+  summary = train_step.summarize([train_step.make_eval_step(spec)(state,
+                                                                  batch)])
+  logits = np.asarray(STUDENT.apply(state.params["student"],
+                                    state.model_state["student"],
+                                    batch["image"], train=False, rng=None)[0],
+                      np.float64)[:30]
+  labels = np.asarray(batch["label"])[:30]
+  assert summary["accuracy"] == pytest.approx(
+      np.mean(np.argmax(logits, -1) == labels))
+  log_p = logits - np.log(np.sum(np.exp(logits - logits.max(-1,
+                                                               keepdims=True)),
+                                 -1, keepdims=True)) - logits.max(-1,
+                                                                  keepdims=True)
+  assert summary["loss"] == pytest.approx(
+      -np.mean(log_p[np.arange(30), labels]), rel=1e-5)
+  assert len(summary["teacher_accuracy"]) == 2
+
+
+def test_errors_before_any_step():
+  group, variables = teacher_group(1)
+  wide = from_linen(tiny.TinyCNN(width=4, num_classes=7))
+  with pytest.raises(ValueError, match="teachers produce 10 classes"):
+    train_step.Distillation(student=wide, teachers=[group], objective=KD,
+                            optimizer=optax.sgd(0.1)).init(
+                                jax.random.key(0), BATCHES[0], [variables])
+  missing = [objective.FeatureTerm(student_feature="stage9", name="hint")]
+  with pytest.raises(ValueError, match=r"stage9.*\['embedding', 'stage1'"):
+    train_step.Distillation(student=STUDENT, teachers=[group],
+                            objective=missing, optimizer=optax.sgd(0.1)).init(
+                                jax.random.key(0), BATCHES[0], [variables])
+  no_adaptor = [objective.FeatureTerm(student_feature="stage2",
+                                      teacher_feature="stage2", name="hint")]
+  with pytest.raises(ValueError, match="adaptor"):
+    train_step.Distillation(student=STUDENT, teachers=[group],
+                            objective=no_adaptor,
+                            optimizer=optax.sgd(0.1)).init(
+                                jax.random.key(0), BATCHES[0], [variables])
+  hyper = [objective.LogitTerm(temperature=objective.Hyper("temperature"))]
+  with pytest.raises(ValueError, match="hparams"):
+    train_step.Distillation(student=STUDENT, teachers=[group], objective=hyper,
+                            optimizer=optax.sgd(0.1)).init(
+                                jax.random.key(0), BATCHES[0], [variables])
+  with pytest.raises(ValueError, match="teacher variable sets"):
+    train_step.Distillation(student=STUDENT, teachers=[group], objective=KD,
+                            optimizer=optax.sgd(0.1)).init(
+                                jax.random.key(0), BATCHES[0], [])
+  with pytest.raises(ValueError, match="unique"):
+    train_step.Distillation(student=STUDENT, objective=KD + KD,
+                            optimizer=optax.sgd(0.1))

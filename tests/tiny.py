@@ -1,0 +1,72 @@
+"""Tiny models and real data shared by the engine tests."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+
+class TinyCNN(nn.Module):
+  """conv-BN-relu twice, pooled embedding, dense logits; NHWC input."""
+
+  width: int = 8
+  num_classes: int = 10
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = x.astype(self.dtype)
+
+    def bn(h):
+      # BatchNorm in float32 (Flax's mixed-dtype BatchNorm trips strict
+      # dtype promotion), the rest in the compute dtype.
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(
+          h.astype(jnp.float32))
+      return h.astype(self.dtype)
+
+    h1 = nn.relu(bn(nn.Conv(self.width, (3, 3), use_bias=False,
+                            dtype=self.dtype)(x)))
+    h2 = nn.relu(bn(nn.Conv(2 * self.width, (3, 3), strides=2,
+                            use_bias=False, dtype=self.dtype)(h1)))
+    embedding = jnp.mean(h2, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype)(embedding)
+    features = {"stage1": h1, "stage2": h2, "embedding": embedding}
+    return logits.astype(jnp.float32), features
+
+
+class TinyMLP(nn.Module):
+  """A BatchNorm-free MLP (exact gradient-accumulation checks)."""
+
+  width: int = 16
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    h = nn.relu(nn.Dense(self.width)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.num_classes)(h), {"embedding": h}
+
+
+@functools.lru_cache(maxsize=None)
+def digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 1,797 real 8x8 digits as ``[N, 8, 8, 1]`` in [0, 1]."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  data = load_digits()
+  images = (data.images / 16.0).astype(np.float32)[..., None]
+  return images, data.target.astype(np.int32)
+
+
+def digit_batches(batch_size: int, num_batches: int, seed: int = 0):
+  """Deterministic batches of real digits as dicts of arrays."""
+  images, labels = digits()
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(num_batches):
+    idx = rng.choice(len(images), batch_size, replace=False)
+    out.append({"image": jnp.asarray(images[idx]),
+                "label": jnp.asarray(labels[idx])})
+  return out
