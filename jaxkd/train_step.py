@@ -368,22 +368,27 @@ class Distillation:
       metrics = {**metrics, **_prediction_metrics(outputs)}
       return loss, grads, model_state, metrics, outputs
 
-    def split(x):
+    def split(name, x):
+      # Micro-batch i takes examples i, i + steps, i + 2 steps, ...: with the
+      # batch sharded over devices, every device keeps its own examples and
+      # no example moves between devices.
       x = jnp.asarray(x)
-      if x.ndim and x.shape[0] % steps:
+      batch_axis = 1 if name.startswith("teacher_") and x.ndim >= 3 else 0
+      if name.startswith("teacher_") and x.ndim == 2:
+        x = x[None]
+        batch_axis = 1
+      size = x.shape[batch_axis]
+      if size % steps:
         raise ValueError(
-            f"The batch size {x.shape[0]} is not divisible by"
+            f"The batch size {size} is not divisible by"
             f" `accumulation_steps`={steps}."
         )
-      return x.reshape((steps, x.shape[0] // steps) + x.shape[1:])
+      shape = x.shape[:batch_axis] + (size // steps, steps) + x.shape[
+          batch_axis + 1 :
+      ]
+      return jnp.moveaxis(x.reshape(shape), batch_axis + 1, 0)
 
-    micro = {k: split(v) for k, v in batch.items() if k != "teacher_logits"}
-    if "teacher_logits" in batch:
-      t = jnp.asarray(batch["teacher_logits"])
-      t = t[None] if t.ndim == 2 else t
-      micro["teacher_logits"] = jnp.moveaxis(
-          t.reshape(t.shape[0], steps, -1, t.shape[-1]), 1, 0
-      )
+    micro = {k: split(k, v) for k, v in batch.items()}
 
     def body(carry, inputs):
       model_state, grad_sum, loss_sum = carry
