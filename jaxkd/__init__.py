@@ -7,7 +7,13 @@ objective), ``sweep`` (vmapped hyper-parameter sweeps). The engine's entry
 points are re-exported here and nowhere else.
 """
 
-import importlib.metadata
+# First, before anything can start a JAX backend: the fast XLA:CPU default
+# (see jaxkd/_cpu_flags.py; JAXKD_NO_CPU_FLAGS=1 opts out).
+from jaxkd import _cpu_flags
+
+_cpu_flags.apply_default_cpu_flags()
+
+import importlib.metadata  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 from jaxkd import adaptors as adaptors
 from jaxkd import losses as losses

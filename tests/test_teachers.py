@@ -276,7 +276,7 @@ def test_unknown_strategy(where):
 
 def test_auto_strategy_table(monkeypatch):
   monkeypatch.setattr(teachers.jax, "default_backend", lambda: "cpu")
-  assert teachers._resolve_strategy("auto") == "unroll"
+  assert teachers._resolve_strategy("auto") == "scan"
   assert teachers._resolve_strategy("scan") == "scan"
   monkeypatch.setattr(teachers.jax, "default_backend", lambda: "gpu")
   assert teachers._resolve_strategy("auto") == "vmap"

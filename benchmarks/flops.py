@@ -1,0 +1,171 @@
+"""Achieved FLOP/s of the distillation programs against the device's ceiling.
+
+  python -m benchmarks.flops
+  python -m benchmarks.flops --teacher resnet110 --student resnet32
+
+The FLOPs of one call of each program (student step, teacher forward,
+distillation step with K teachers under ``"auto"``) are XLA's own count, from
+``jitted.lower(...).compile().cost_analysis()["flops"]``; the achieved rate
+is that count over the median time of a call. The ceiling is measured, not
+quoted: the rate of one large float32 (or bfloat16) matrix product
+``[n, n] @ [n, n]`` (2 n^3 FLOPs) on the same device. The fraction achieved
+says how far convolutions, BatchNorm and the optimiser update are from the
+device's best dense throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from benchmarks import _common
+
+import jax  # pylint: disable=g-bad-import-order
+import jax.numpy as jnp  # pylint: disable=g-bad-import-order
+from jaxkd import models  # pylint: disable=g-bad-import-order
+
+NAME = "flops"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.flops", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument("--student", default="resnet8x4",
+                      choices=models.available())
+  parser.add_argument("--teacher", default="resnet32x4",
+                      choices=models.available())
+  parser.add_argument("--batch_sizes", type=_common.int_list, default=[64, 128])
+  parser.add_argument("--teachers", type=int, default=1,
+                      help="K of the distillation step.")
+  parser.add_argument("--dtype", choices=sorted(_common.DTYPES),
+                      default="float32")
+  parser.add_argument("--fold_teachers", action="store_true")
+  parser.add_argument("--matmul_size", type=int, default=2048,
+                      help="n of the [n, n] @ [n, n] ceiling product.")
+  _common.add_common_flags(parser)
+  return parser.parse_args(argv)
+
+
+def matmul_ceiling(n: int, dtype, *, steps: int, warmup: int) -> dict:
+  """FLOP/s of one [n, n] @ [n, n] product: the device's dense ceiling."""
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
+  compiled, _ = _common.compile_step(jax.jit(jnp.matmul), a, b)
+  timing = _common.time_calls(
+      lambda: jax.block_until_ready(compiled(a, b)), steps=steps,
+      warmup=warmup,
+  )
+  flops = 2.0 * n**3
+  return {
+      "n": n,
+      "dtype": jnp.dtype(dtype).name,
+      "flops": flops,
+      "xla_flops": _common.flops_of(compiled),
+      "median_s": timing.median_s,
+      "flops_per_s": flops / timing.median_s,
+      "best_flops_per_s": flops / timing.min_s,
+  }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = parse_args(argv)
+  env = _common.environment("benchmarks.flops", argv)
+  dtype = _common.DTYPES[args.dtype]
+  ceiling = matmul_ceiling(args.matmul_size, dtype, steps=args.steps,
+                           warmup=args.warmup)
+  print(f"ceiling: {args.matmul_size}^2 {ceiling['dtype']} matmul"
+        f" {ceiling['flops_per_s'] / 1e9:.1f} GFLOP/s (best"
+        f" {ceiling['best_flops_per_s'] / 1e9:.1f})", flush=True)
+  student = models.create(args.student, num_classes=args.num_classes,
+                          dtype=dtype)
+  tset = _common.make_teachers(
+      args.teacher, args.teachers, num_classes=args.num_classes,
+      image_size=args.image_size, dtype=dtype, fold=args.fold_teachers,
+  )
+  rows = []
+  for batch_size in args.batch_sizes:
+    batch = _common.make_batch(batch_size, args.image_size, args.num_classes)
+    common = dict(num_classes=args.num_classes)
+    programs = {
+        "student step": _common.train_step_setup(
+            student, batch, distill=False, **common
+        ),
+        "teacher forward": _common.teacher_forward_setup(
+            *tset.group("auto", k=1), batch["image"]
+        ),
+        f"distillation step K={args.teachers}": _common.train_step_setup(
+            student, batch, teacher_groups=[tset.group("auto")], **common
+        ),
+    }
+    for compiled in programs.values():
+      for _ in range(args.warmup):
+        compiled.run()
+    timings = _common.time_interleaved(
+        {name: c.run for name, c in programs.items()},
+        steps=args.steps, rounds=args.rounds,
+    )
+    for name, compiled in programs.items():
+      flops = _common.flops_of(compiled.compiled)
+      timing = timings[name]
+      achieved = None if flops is None else flops / timing.median_s
+      row = {
+          "program": name,
+          "batch_size": batch_size,
+          "flops": flops,
+          "median_s": timing.median_s,
+          "flops_per_s": achieved,
+          "fraction_of_ceiling": (
+              None if achieved is None else achieved / ceiling["flops_per_s"]
+          ),
+          "samples_per_s": timing.samples_per_s(batch_size),
+      }
+      rows.append(row)
+      print(
+          f"  B={batch_size:<4} {name:<26}"
+          f" {(flops or 0) / 1e9:8.2f} GFLOP/call"
+          f" {(achieved or 0) / 1e9:7.1f} GFLOP/s"
+          f" ({100 * (row['fraction_of_ceiling'] or 0):.0f}% of ceiling)",
+          flush=True,
+      )
+  table = _common.markdown_table(
+      ["batch", "program", "GFLOP / call (XLA)", "ms / call", "GFLOP/s",
+       "% of matmul ceiling"],
+      [
+          [
+              r["batch_size"], r["program"],
+              None if r["flops"] is None else f"{r['flops'] / 1e9:.2f}",
+              f"{1000 * r['median_s']:.1f}",
+              None if r["flops_per_s"] is None
+              else f"{r['flops_per_s'] / 1e9:.1f}",
+              None if r["fraction_of_ceiling"] is None
+              else f"{100 * r['fraction_of_ceiling']:.0f}%",
+          ]
+          for r in rows
+      ],
+  )
+  config = (
+      f"Student {args.student}, teacher {args.teacher}"
+      f"{' (BatchNorm-folded)' if args.fold_teachers else ''}, {args.dtype},"
+      f" {args.image_size}x{args.image_size} images. Ceiling: a"
+      f" {args.matmul_size}x{args.matmul_size} {ceiling['dtype']} matmul at"
+      f" {ceiling['flops_per_s'] / 1e9:.1f} GFLOP/s (median; best"
+      f" {ceiling['best_flops_per_s'] / 1e9:.1f})."
+  )
+  results = {"config": vars(args), "ceiling": ceiling, "rows": rows}
+  paths = _common.write_results(
+      name=args.name or NAME,
+      title=f"Achieved FLOP/s: {args.teacher} -> {args.student}"
+      f" ({args.dtype})",
+      env=env, results=results,
+      sections=[("", config), ("FLOP/s", table)],
+      out_dir=args.out_dir, note=args.note,
+  )
+  print("wrote", *paths)
+  return results
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
