@@ -1,0 +1,479 @@
+"""The pipeline, method-comparison and temperature-sweep modes.
+
+* :func:`run_pipeline` (``--mode=pipeline``): for each of
+  ``config.pipeline.seeds`` seeds, the teacher, the baseline student (labels
+  only) and one student per method of ``config.pipeline.methods``; then the
+  parameter count and inference latency of each model, and the result table
+  (test accuracy, mean ± standard deviation over the seeds, at the best and
+  at the last epoch).
+* :func:`run_compare` (``--mode=compare``): the same for every method of
+  ``config.compare.methods``, over ``config.compare.seeds`` seeds.
+* :func:`run_sweep` (``--mode=sweep``): one vmapped run of N students that
+  differ only in the temperature (``jaxkd.sweep``), with a plot of accuracy
+  against temperature.
+
+Each writes ``<results_dir>/<name>.md`` (the table, the exact command, the
+date, the machine and the versions) and ``<name>.json``, plus copies in the
+workdir. ``tools/results_readme.py`` renders the README's results section
+from these files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import pathlib
+import platform
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments import methods as methods_lib
+from experiments import train as train_lib
+from experiments import writers
+from jaxkd import objective
+from jaxkd import sharding
+from jaxkd import sweep as sweep_lib
+from jaxkd.train_step import summarize
+
+DEFAULT_RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+              "grain", "tensorflow-datasets")
+
+
+def environment() -> dict[str, Any]:
+  """Date, machine, device and package versions, for a results file."""
+  versions = {"python": platform.python_version()}
+  for package in _VERSIONED:
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  device = jax.devices()[0]
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+          "%Y-%m-%d %H:%M UTC"),
+      "machine": f"{platform.system()} {platform.machine()},"
+                 f" {os.cpu_count()} CPU cores",
+      "device": f"{jax.default_backend()}: {device.device_kind}"
+                f" (x{jax.device_count()})",
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "versions": versions,
+  }
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+  array = np.asarray(values, np.float64)
+  std = float(np.std(array, ddof=1)) if array.size > 1 else 0.0
+  return float(np.mean(array)), std
+
+
+def _pct(mean_std: tuple[float, float]) -> str:
+  mean, std = mean_std
+  return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _method_detail(config: ml_collections.ConfigDict, method: str) -> str:
+  if method == "labels":  # A teacher.
+    shift = config.teacher.shift_pixels
+    return f"random shifts of up to {shift} px" if shift else ""
+  if method == "baseline":
+    return "labels only"
+  if method not in config:
+    return ""
+  sub = config[method].to_dict()
+  keys = [k for k in ("mode", "temperature", "alpha", "beta", "weight",
+                      "num_teachers", "noise_scale") if k in sub]
+  return ", ".join(f"{k}={sub[k]}" for k in keys)
+
+
+def _rows(config, runs: Mapping[str, list[dict]],
+          latency: Mapping[str, dict]) -> list[dict]:
+  """One row per model/method: accuracies over seeds, params, latency."""
+  rows = []
+  for key, results in runs.items():
+    first = results[0]
+    row = {
+        "key": key,
+        "role": first["role"],
+        "method": first["method"],
+        "detail": _method_detail(config, first["method"]),
+        "model": first["model"],
+        "params": first["params"],
+        "seeds": [r["seed"] for r in results],
+        "last": [r["last_accuracy"] for r in results],
+        "best": [r["best_accuracy"] for r in results],
+        "best_epoch": [r["best_epoch"] for r in results],
+        "latency": latency.get(first["model"], {}),
+        "train_time_s": [r.get("train_time_s", 0.0) for r in results],
+    }
+    row["last_mean_std"] = _mean_std(row["last"])
+    row["best_mean_std"] = _mean_std(row["best"])
+    rows.append(row)
+  return rows
+
+
+def _gaps(rows: Sequence[dict]) -> list[dict]:
+  """Each distilled student against the baseline, seed by seed."""
+  baseline = next((r for r in rows if r["key"] == "baseline"), None)
+  if baseline is None:
+    return []
+  gaps = []
+  for row in rows:
+    if row["role"] != "student" or row["key"] == "baseline":
+      continue
+    if row["seeds"] != baseline["seeds"]:
+      continue
+    diff = np.asarray(row["last"]) - np.asarray(baseline["last"])
+    mean, std = _mean_std(diff)
+    spread = max(baseline["last_mean_std"][1], row["last_mean_std"][1])
+    gaps.append({
+        "method": row["key"],
+        "gap_mean": mean,
+        "gap_std_paired": std,
+        "baseline_std": baseline["last_mean_std"][1],
+        "method_std": row["last_mean_std"][1],
+        "gap_over_largest_std": (
+            mean / spread if spread > 0 and len(diff) > 1 else None),
+        "wins": int(np.sum(diff > 0)),
+        "seeds": len(diff),
+        # Undefined for one seed: there is no standard deviation.
+        "beats_by_two_std": (
+            bool(mean > 2 * spread) if len(diff) > 1 else None),
+    })
+  return gaps
+
+
+def render_table(rows: Sequence[dict], latency_batch: int) -> str:
+  lines = [
+      f"| model | method | params | latency (ms / batch of {latency_batch})"
+      " | test accuracy, last epoch (%) | test accuracy, best epoch (%) |"
+      " best epoch | seeds |",
+      "|---|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for row in rows:
+    role = "teacher" if row["role"] == "teacher" else "student"
+    method = row["method"] if not row["detail"] else (
+        f"{row['method']} ({row['detail']})")
+    latency = row["latency"].get("median_ms")
+    epochs = row["best_epoch"]
+    lines.append(
+        f"| {role}: {row['model']} | {method} | {row['params']:,} |"
+        f" {'' if latency is None else f'{latency:.3f}'} |"
+        f" {_pct(row['last_mean_std'])} | {_pct(row['best_mean_std'])} |"
+        f" {int(np.median(epochs))} (median) | {len(row['seeds'])} |")
+  return "\n".join(lines)
+
+
+def render_gaps(gaps: Sequence[dict]) -> str:
+  if not gaps:
+    return ""
+  lines = [
+      "| distilled student | gain over baseline, last epoch (points) |"
+      " seeds won | gain / largest std | more than 2 std? |",
+      "|---|---:|---:|---:|---|",
+  ]
+  for gap in gaps:
+    if gap["seeds"] < 2:
+      lines.append(
+          f"| {gap['method']} | {100 * gap['gap_mean']:+.2f} |"
+          f" {gap['wins']} / 1 | n/a | n/a (one seed) |")
+      continue
+    ratio = gap["gap_over_largest_std"]
+    lines.append(
+        f"| {gap['method']} | {100 * gap['gap_mean']:+.2f} ± "
+        f"{100 * gap['gap_std_paired']:.2f} (paired) |"
+        f" {gap['wins']} / {gap['seeds']} |"
+        f" {'inf' if ratio is None else f'{ratio:.1f}'} |"
+        f" {'yes' if gap['beats_by_two_std'] else 'no'} |")
+  return "\n".join(lines)
+
+
+def write_results(
+    name: str,
+    *,
+    title: str,
+    summary: str,
+    table: str,
+    extra_sections: Sequence[str] = (),
+    payload: Mapping[str, Any],
+    command: str,
+    wall_time_s: float,
+    results_dir: str | os.PathLike[str] | None,
+    workdir: pathlib.Path,
+    notes: str = "",
+) -> pathlib.Path | None:
+  """Writes ``<name>.md`` and ``<name>.json`` to the workdir and the
+  results directory; returns the results directory's Markdown path."""
+  env = environment()
+  versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+  text = "\n".join([
+      f"# {title}",
+      "",
+      summary,
+      "",
+      "<!-- table:start -->",
+      table,
+      "<!-- table:end -->",
+      "",
+      *[s + "\n" for s in extra_sections if s],
+      *([notes, ""] if notes else []),
+      f"- Command: `{command}`",
+      f"- Date: {env['date']}; wall time {wall_time_s:.0f} s",
+      f"- Machine: {env['machine']}; device {env['device']}",
+      f"- Versions: {versions}",
+      "",
+  ])
+  data = {"name": name, "title": title, "command": command,
+          "wall_time_s": wall_time_s, "environment": env, **payload}
+  targets = [workdir]
+  if results_dir is not None:
+    targets.append(pathlib.Path(results_dir))
+  for directory in targets:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.md").write_text(text)
+    writers.dump_json(directory / f"{name}.json", data)
+  print(text)
+  return None if results_dir is None else pathlib.Path(results_dir) / (
+      f"{name}.md")
+
+
+def _latencies(ctx, models: Mapping[str, tuple[Any, Any, Any]]) -> dict:
+  config = ctx.config
+  return {
+      name: train_lib.measure_latency(
+          model, params, state, ctx.data.image_shape,
+          batch_size=config.pipeline.latency_batch_size,
+          repeats=config.pipeline.latency_repeats)
+      for name, (model, params, state) in models.items()
+  }
+
+
+def _train_methods(ctx, methods: Sequence[str], seeds: Sequence[int]):
+  """Teachers, baseline and ``methods`` for every seed; the runs' results
+  by row key and a trained copy of each architecture (for latency)."""
+  config = ctx.config
+  runs: dict[str, list[dict]] = {}
+  trained: dict[str, tuple[Any, Any, Any]] = {}
+  for seed in seeds:
+    per_method = train_lib.teachers_for(ctx, seed, methods)
+    teacher_sets = {id(t): t for t in per_method.values() if t is not None}
+    for teachers in teacher_sets.values():
+      if teachers.model_name == config.student.model:
+        continue  # Born-again: the baseline row.
+      for index, result in enumerate(teachers.results):
+        key = "teacher" if index == 0 else f"teacher_{index}"
+        runs.setdefault(key, []).append(result)
+      if teachers.model_name not in trained:
+        params = jax.tree.map(lambda x: x[0], teachers.variables.params)
+        state = jax.tree.map(lambda x: x[0], teachers.variables.state)
+        trained[teachers.model_name] = (teachers.group.model, params, state)
+    for method in methods:
+      result, state = train_lib.train_student(ctx, seed, method,
+                                              per_method[method])
+      runs.setdefault(method, []).append(result)
+      if config.student.model not in trained:
+        trained[config.student.model] = (
+            ctx.model(config.student.model), state.params["student"],
+            state.model_state["student"])
+  return runs, trained
+
+
+def _student_methods(methods: Sequence[str]) -> list[str]:
+  return ["baseline"] + [m for m in methods if m != "baseline"]
+
+
+def run_methods(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike[str],
+    *,
+    mode: str,
+    command: str = "",
+    results_dir: str | os.PathLike[str] | None = DEFAULT_RESULTS_DIR,
+) -> dict[str, Any]:
+  """``--mode=pipeline`` or ``--mode=compare``; returns the table's data."""
+  start = time.perf_counter()
+  train_lib.validate(config, mode)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  writers.dump_json(workdir / "config.json", config.to_dict())
+  ctx = train_lib.Context.create(config, workdir)
+  sub = config.pipeline if mode == "pipeline" else config.compare
+  methods = _student_methods(sub.methods)
+  seeds = list(range(sub.seeds))
+  train_lib.preflight(ctx, methods)
+  runs, trained = _train_methods(ctx, methods, seeds)
+  latency = _latencies(ctx, trained)
+  rows = _rows(config, runs, latency)
+  gaps = _gaps(rows)
+  wall = time.perf_counter() - start
+  name = config.name if mode == "pipeline" else f"{config.name}_compare"
+  data = ctx.data
+  summary = (
+      f"Data set `{data.spec.name}` (train split `{data.train_split}`,"
+      f" {data.num_train} examples; test split `{data.test_split}`),"
+      f" {config.num_epochs} student epochs of {data.steps_per_epoch} steps"
+      f" (batch {config.batch_size}), teacher"
+      f" {train_lib._teacher_epochs(config)} epochs;"  # pylint: disable=protected-access
+      f" {len(seeds)} seeds ({', '.join(map(str, seeds))}). Test accuracy is"
+      " the mean ± sample standard deviation over the seeds; 'best epoch'"
+      " picks each run's best epoch on the test set itself (optimistic),"
+      " 'last epoch' is the honest number. Latency: median of"
+      f" {config.pipeline.latency_repeats} jitted forward passes of a batch"
+      f" of {config.pipeline.latency_batch_size} on {jax.default_backend()},"
+      " warm-up excluded.")
+  gap_text = render_gaps(gaps)
+  if gap_text:
+    gap_text = ("Distilled students against the baseline (same seeds, same"
+                " initialisation and data order), last epoch; '2 std' uses the"
+                " larger of the two rows' standard deviations:\n\n" + gap_text)
+  write_results(
+      name, title=name, summary=summary,
+      table=render_table(rows, config.pipeline.latency_batch_size),
+      extra_sections=[gap_text],
+      payload={"mode": mode, "rows": rows, "gaps": gaps,
+               "config": config.to_dict()},
+      command=command, wall_time_s=wall, results_dir=results_dir,
+      workdir=workdir)
+  return {"rows": rows, "gaps": gaps, "wall_time_s": wall}
+
+
+def run_sweep(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike[str],
+    *,
+    command: str = "",
+    results_dir: str | os.PathLike[str] | None = DEFAULT_RESULTS_DIR,
+) -> dict[str, Any]:
+  """``--mode=sweep``: N students, one per temperature, in one vmapped run."""
+  start = time.perf_counter()
+  train_lib.validate(config, "sweep")
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  writers.dump_json(workdir / "config.json", config.to_dict())
+  ctx = train_lib.Context.create(config, workdir)
+  method = config.sweep.method
+  temperatures = [float(t) for t in config.sweep.temperatures]
+  labels = [f"T={t:g}" for t in temperatures]
+  seed = config.seed
+  train_lib.preflight(ctx, [method], temperature=objective.Hyper("temperature"))
+  teachers = train_lib.teachers_for(ctx, seed, [method])[method]
+  spe = ctx.data.steps_per_epoch
+  plan = methods_lib.build(method, config, steps_per_epoch=spe,
+                           temperature=objective.Hyper("temperature"))
+  if plan.num_teachers and teachers is not None:
+    teachers = teachers.take(plan.num_teachers)
+  elif not plan.num_teachers:
+    teachers = None
+  distillation = train_lib.student_distillation(ctx, method, plan)
+  extra = None
+  offline = teachers is not None and train_lib._offline(ctx, plan)  # pylint: disable=protected-access
+  sample = ctx.data.sample_batch()
+  if offline:
+    extra = {"teacher_logits": train_lib._teacher_logits(  # pylint: disable=protected-access
+        ctx, teachers.group, teachers.variables)}
+    sample["teacher_logits"] = np.zeros(
+        (extra["teacher_logits"].shape[1], config.batch_size,
+         extra["teacher_logits"].shape[2]), np.float32)
+  states = sweep_lib.init_sweep(
+      distillation, jax.random.key(seed), sample,
+      () if teachers is None else (jax.tree.map(jnp.copy,
+                                                teachers.variables),),
+      hparams={"temperature": temperatures})
+  if ctx.mesh is not None:
+    states = jax.device_put(states, sharding.replicated(ctx.mesh))
+  step = sweep_lib.make_sweep_step(distillation)
+  eval_step = sweep_lib.make_sweep_eval_step(distillation)
+
+  def evaluate(states):
+    sums = jax.device_get([eval_step(states, ctx.put(b))
+                           for b in ctx.data.eval_batches()])
+    out = {}
+    for i in range(len(temperatures)):
+      summary = summarize([{k: v[i] for k, v in s.items()} for s in sums])
+      for k, v in summary.items():
+        if np.ndim(v) == 0:
+          out.setdefault(f"test/{k}", []).append(v)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+  def finite(metrics):
+    return bool(np.all(np.asarray(metrics["nonfinite"]) == 0)
+                and np.all(np.isfinite(metrics["loss"])))
+
+  run_dir = workdir / f"seed_{seed}" / f"sweep_{method}"
+  train_lib._save_config(ctx, run_dir, {  # pylint: disable=protected-access
+      "role": "sweep", "method": method, "temperatures": temperatures,
+      "offline_teacher_logits": offline, "seed": seed})
+  loop = train_lib.Loop(
+      name=f"seed {seed} {method} sweep over T", run_dir=run_dir,
+      step=step, batches=ctx.data.train_iterator(seed, extra=extra),
+      evaluate=evaluate, num_epochs=config.num_epochs,
+      batch_size=config.batch_size, finite=finite, labels=labels)
+  states, history = train_lib.run_loop(ctx, loop, states)
+  rows = []
+  for t, label in zip(temperatures, labels):
+    key = f"test/accuracy[{label}]"
+    values = [h[key] for h in history]
+    best = int(np.argmax(values))
+    rows.append({"temperature": t, "last_accuracy": values[-1],
+                 "best_accuracy": values[best],
+                 "best_epoch": history[best]["epoch"]})
+  _plot_sweep(run_dir / "accuracy_vs_temperature.png", rows,
+              title=f"{config.name}: {method}, seed {seed}")
+  wall = time.perf_counter() - start
+  name = f"{config.name}_sweep"
+  table = "\n".join(
+      ["| temperature | test accuracy, last epoch (%) |"
+       " test accuracy, best epoch (%) | best epoch |",
+       "|---:|---:|---:|---:|"]
+      + [f"| {r['temperature']:g} | {100 * r['last_accuracy']:.2f} |"
+         f" {100 * r['best_accuracy']:.2f} | {r['best_epoch']} |"
+         for r in rows])
+  summary = (
+      f"Method `{method}` ({_method_detail(config, method)}; the temperature"
+      f" varies), student `{config.student.model}`, teacher"
+      f" `{config.teacher.model}`, data `{ctx.data.spec.name}` (train"
+      f" `{ctx.data.train_split}`, evaluated on `{ctx.data.test_split}`),"
+      f" seed {seed}, {config.num_epochs} epochs: {len(temperatures)}"
+      " students trained together by one vmapped step (`jaxkd.sweep`).")
+  png = workdir / f"{name}.png"
+  _plot_sweep(png, rows, title=f"{config.name}: {method}")
+  if results_dir is not None:
+    pathlib.Path(results_dir).mkdir(parents=True, exist_ok=True)
+    _plot_sweep(pathlib.Path(results_dir) / f"{name}.png", rows,
+                title=f"{config.name}: {method}")
+  write_results(
+      name, title=name, summary=summary, table=table,
+      extra_sections=[f"![accuracy against temperature]({name}.png)"],
+      payload={"mode": "sweep", "rows": rows, "config": config.to_dict()},
+      command=command, wall_time_s=wall, results_dir=results_dir,
+      workdir=workdir)
+  return {"rows": rows, "wall_time_s": wall}
+
+
+def _plot_sweep(path: pathlib.Path, rows: Sequence[dict], *, title: str):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  temperatures = [r["temperature"] for r in rows]
+  fig, ax = plt.subplots(figsize=(5, 3.4))
+  ax.plot(temperatures, [100 * r["last_accuracy"] for r in rows],
+          marker="o", label="last epoch")
+  ax.plot(temperatures, [100 * r["best_accuracy"] for r in rows],
+          marker=".", linestyle="--", label="best epoch")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("temperature")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title, fontsize=9)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)

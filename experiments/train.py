@@ -1,0 +1,1019 @@
+"""The experiments' trainer: teachers, students, logs and checkpoints.
+
+:func:`train_and_evaluate` is ``--mode=train``: it trains (or loads) the
+teachers a config's ``method`` needs, then the student, and returns the
+student's results. The pieces are public for ``experiments/pipeline.py``:
+
+* :func:`validate`: every check that needs no data and no compilation
+  (method, model and optimiser names, the mode's fields);
+* :class:`Context`: the data, the models and the compiled steps shared by
+  every run of one process (the N seeds of a pipeline reuse the steps
+  compiled for the first);
+* :func:`train_teachers`, :func:`train_student`: one run each, in its own
+  directory, resumed exactly from its latest checkpoint if there is one;
+* :func:`measure_latency`.
+
+Each run directory holds ``config.json`` (the resolved config),
+``metrics.jsonl`` (train metrics every ``log_every_steps`` and one line per
+epoch with the test metrics), ``tensorboard/`` (event files),
+``curves.png``, ``results.json`` and ``checkpoints/`` (Orbax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import pathlib
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from experiments import input_pipeline
+from experiments import methods as methods_lib
+from experiments import model_zoo
+from experiments import writers
+from jaxkd import checkpoint as checkpoint_lib
+from jaxkd import data_free as data_free_lib
+from jaxkd import objective
+from jaxkd import sharding
+from jaxkd import teachers as teachers_lib
+from jaxkd.models import Model
+from jaxkd.state import DistillState
+from jaxkd.train_step import Distillation
+from jaxkd.train_step import Views
+from jaxkd.train_step import make_eval_step
+from jaxkd.train_step import make_train_step
+from jaxkd.train_step import summarize
+
+logger = logging.getLogger(__name__)
+
+NONFINITE_MODES = ("stop", "skip")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "piecewise", "cosine")
+BEST_METRIC = "test/accuracy"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss (or a gradient) of a step was NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------
+# Checks before any data is read or anything is compiled.
+# ---------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(
+        f"`{name}` must be one of {', '.join(map(repr, choices))}; got"
+        f" {value!r}."
+    )
+
+
+def _check_optimizer(name: str, cfg: ml_collections.ConfigDict) -> None:
+  _check_choice(f"{name}.name", cfg.name, OPTIMIZERS)
+  _check_choice(f"{name}.schedule", cfg.schedule, SCHEDULES)
+  if cfg.learning_rate <= 0:
+    raise ValueError(
+        f"`{name}.learning_rate` must be > 0, got {cfg.learning_rate}.")
+
+
+def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
+  """Raises ValueError on a bad method, model or optimiser name.
+
+  Needs no data and compiles nothing; :func:`Context.create` then checks the
+  data set, the splits and that the models take its images.
+  """
+  names = {"train": [config.method], "pipeline": list(config.pipeline.methods),
+           "compare": list(config.compare.methods),
+           "sweep": [config.sweep.method]}
+  if mode not in names:
+    raise ValueError(f"Unknown mode {mode!r}; modes: {', '.join(names)}.")
+  for name in names[mode]:
+    methods_lib.check_method(name)
+    methods_lib.build(name, config, steps_per_epoch=1)  # checks sub-config
+  if mode == "sweep" and config.sweep.method not in (
+      methods_lib.TEMPERATURE_METHODS):
+    raise ValueError(
+        f"`sweep.method` must have a temperature: one of"
+        f" {', '.join(methods_lib.TEMPERATURE_METHODS)}; got"
+        f" {config.sweep.method!r}."
+    )
+  if mode == "sweep" and not config.sweep.temperatures:
+    raise ValueError("`sweep.temperatures` is empty.")
+  if mode == "sweep" and any(t <= 0 for t in config.sweep.temperatures):
+    raise ValueError(
+        f"`sweep.temperatures` must be > 0, got {config.sweep.temperatures}.")
+  model_zoo.check_name(config.student.model)
+  model_zoo.check_name(config.teacher.model)
+  _check_choice("nonfinite", config.nonfinite, NONFINITE_MODES)
+  _check_optimizer("optimizer", config.optimizer)
+  _check_optimizer("teacher.optimizer", config.teacher.optimizer)
+  for name in ("num_epochs", "batch_size", "eval_batch_size",
+               "log_every_steps", "checkpoint_every_epochs",
+               "max_checkpoints"):
+    if config[name] < 1:
+      raise ValueError(f"`{name}` must be >= 1, got {config[name]}.")
+  if config.steps_per_epoch < 0:
+    raise ValueError(
+        f"`steps_per_epoch` must be >= 0, got {config.steps_per_epoch}.")
+  if config.teacher.num_teachers < 1:
+    raise ValueError("`teacher.num_teachers` must be >= 1.")
+  for key in ("seeds",):
+    if config.pipeline[key] < 1 or config.compare[key] < 1:
+      raise ValueError(f"`pipeline.{key}` and `compare.{key}` must be >= 1.")
+
+
+# ---------------------------------------------------------------------------
+# Optimisers.
+# ---------------------------------------------------------------------------
+
+
+def kernel_mask(params: Any) -> Any:
+  """``True`` on the ``kernel`` leaves (convolutions and dense layers)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def learning_rate_schedule(
+    cfg: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int
+) -> optax.Schedule:
+  """The step -> learning rate function of an optimiser sub-config."""
+  total = max(1, num_epochs * steps_per_epoch)
+  warmup = int(cfg.warmup_epochs * steps_per_epoch)
+  if cfg.schedule == "constant":
+    main = optax.constant_schedule(cfg.learning_rate)
+  elif cfg.schedule == "piecewise":
+    main = optax.piecewise_constant_schedule(
+        cfg.learning_rate,
+        {max(1, int(e * steps_per_epoch) - warmup): cfg.decay_factor
+         for e in cfg.decay_epochs})
+  else:
+    main = optax.cosine_decay_schedule(cfg.learning_rate,
+                                       max(1, total - warmup))
+  if warmup <= 0:
+    return main
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.learning_rate, warmup), main],
+      [warmup])
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int
+) -> optax.GradientTransformation:
+  """SGD with momentum, Adam or AdamW, weight decay on kernels only."""
+  schedule = learning_rate_schedule(cfg, steps_per_epoch=steps_per_epoch,
+                                    num_epochs=num_epochs)
+  parts = []
+  if cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  if cfg.name == "adamw":
+    parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay,
+                             mask=kernel_mask))
+    return optax.chain(*parts)
+  if cfg.weight_decay > 0:
+    # Coupled L2 (PyTorch's `weight_decay`): added to the gradient first.
+    parts.append(optax.add_decayed_weights(cfg.weight_decay,
+                                           mask=kernel_mask))
+  if cfg.name == "sgd":
+    parts.append(optax.sgd(schedule, momentum=cfg.momentum or None,
+                           nesterov=cfg.nesterov))
+  else:
+    parts.append(optax.adam(schedule))
+  return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------
+# The shared context of a process.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+  """Data, models and compiled steps shared by every run of one process.
+
+  Models, teacher groups and ``Distillation`` objects are static arguments
+  of the compiled steps (hashed by identity), so they are built once and
+  cached here: the second seed of a pipeline compiles nothing.
+  """
+
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  data: input_pipeline.Data
+  mesh: Any = None
+  _cache: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict,
+             workdir: str | pathlib.Path) -> Context:
+    """Opens the data and checks that the models take its images."""
+    data = input_pipeline.setup(config)
+    context = cls(config=config, workdir=pathlib.Path(workdir), data=data)
+    for role in ("student", "teacher"):
+      model = context.model(config[role].model)
+      model_zoo.check_input_shape(
+          model, data.image_shape,
+          where=f"`{role}.model` on data set {data.spec.name!r}")
+    if config.data_parallel and jax.device_count() > 1:
+      devices = jax.device_count()
+      for name in ("batch_size", "eval_batch_size"):
+        if config[name] % devices:
+          raise ValueError(
+              f"`{name}` {config[name]} is not divisible by the"
+              f" {devices} devices (data parallelism); change it or set"
+              " `data_parallel=False`."
+          )
+      context.mesh = sharding.make_mesh()
+    return context
+
+  def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+    if key not in self._cache:
+      self._cache[key] = build()
+    return self._cache[key]
+
+  def model(self, name: str) -> Model:
+    return self.cached(("model", name), lambda: model_zoo.create(
+        name, num_classes=self.data.num_classes))
+
+  def group(self, model_name: str) -> teachers_lib.TeacherGroup:
+    return self.cached(("group", model_name), lambda: (
+        teachers_lib.TeacherGroup(self.model(model_name), name="teacher")))
+
+  def born_again_group(self) -> teachers_lib.TeacherGroup:
+    """A teacher of the student's architecture (born-again networks)."""
+    return self.cached(("born_again_group",), lambda: (
+        teachers_lib.TeacherGroup(self.model(self.config.student.model),
+                                  name="teacher")))
+
+  def group_for(self, plan: methods_lib.Plan
+                ) -> teachers_lib.TeacherGroup | None:
+    """The teacher group a method's plan runs with, or None."""
+    if plan.teacher_is_student:
+      return self.born_again_group()
+    if plan.num_teachers or plan.data_free:
+      return self.group(self.config.teacher.model)
+    return None
+
+  def put(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    if self.mesh is None:
+      return batch
+    return sharding.shard_batch(batch, self.mesh)
+
+  def place(self, state: DistillState) -> DistillState:
+    if self.mesh is None:
+      return state
+    return sharding.shard_state(state, self.mesh)
+
+
+def _views(shift_pixels: int, extra: Views = Views()) -> Views:
+  shared = None
+  if shift_pixels:
+    shared = functools.partial(input_pipeline.random_shift,
+                               pixels=int(shift_pixels))
+  return dataclasses.replace(extra, shared=shared)
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Loop:
+  """One run's training loop: what it steps, feeds and evaluates.
+
+  Attributes:
+    name: The run's name (logs and errors).
+    run_dir: Its directory.
+    step: ``(state, batch) -> (state, metrics)``.
+    batches: The training batches (``None`` forever for data-free runs).
+    evaluate: ``state -> {"test/...": value}``.
+    num_epochs: Epochs to reach.
+    batch_size: Examples per step (samples/s).
+    finite: ``host metrics of one step -> bool``.
+    loss_key: The metric shown as the loss.
+    to_checkpoint, from_checkpoint: The state as a ``DistillState`` for
+      ``jaxkd.checkpoint`` and back; ``None`` disables checkpoints.
+    labels: For vmapped sweeps: one label per student, to name the entries
+      of vector metrics.
+  """
+
+  name: str
+  run_dir: pathlib.Path
+  step: Callable[[Any, Any], tuple[Any, dict]]
+  batches: Iterator[Any]
+  evaluate: Callable[[Any], dict[str, Any]]
+  num_epochs: int
+  batch_size: int
+  finite: Callable[[dict], bool]
+  loss_key: str = "loss"
+  to_checkpoint: Callable[[Any], DistillState] | None = None
+  from_checkpoint: Callable[[Any, DistillState], Any] | None = None
+  labels: Sequence[str] | None = None
+  steps_per_epoch: int | None = None  # None: the data's
+
+
+def _flatten(values: Mapping[str, Any],
+             labels: Sequence[str] | None) -> dict[str, float]:
+  """Scalars as they are; vectors as ``key[label]`` (or ``key[i]``)."""
+  out = {}
+  for key, value in values.items():
+    array = np.asarray(value, np.float64)
+    if array.ndim == 0:
+      out[key] = float(array)
+      continue
+    for i, v in enumerate(array.reshape(-1)):
+      label = labels[i] if labels and array.size == len(labels) else str(i)
+      out[f"{key}[{label}]"] = float(v)
+  return out
+
+
+def _mean_metrics(host: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  keys = host[0].keys()
+  return {k: np.mean(np.stack([np.asarray(m[k], np.float64) for m in host]),
+                     axis=0) for k in keys}
+
+
+def _first_nonfinite(host, finite) -> int | None:
+  for i, metrics in enumerate(host):
+    if not finite(metrics):
+      return i
+  return None
+
+
+def run_loop(ctx: Context, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
+  """Trains ``state`` for ``loop.num_epochs`` epochs; returns the final state
+  and the per-epoch history. Resumes from the run's latest checkpoint."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  config = ctx.config
+  spe = loop.steps_per_epoch or ctx.data.steps_per_epoch
+  total = loop.num_epochs * spe
+  loop.run_dir.mkdir(parents=True, exist_ok=True)
+  log = writers.JsonlWriter(loop.run_dir / "metrics.jsonl")
+  checkpointer = None
+  start = 0
+  if loop.to_checkpoint is not None:
+    checkpointer = checkpoint_lib.Checkpointer(
+        loop.run_dir / "checkpoints", max_to_keep=config.max_checkpoints,
+        best_metric=BEST_METRIC)
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    target = loop.to_checkpoint(state)
+    restored, data_state, _ = checkpointer.restore(target)
+    state = loop.from_checkpoint(state, restored)
+    if data_state is not None and hasattr(loop.batches, "set_state"):
+      loop.batches.set_state(data_state)
+    start = int(jax.device_get(restored.step))
+    records = log.truncate_after(start)
+    logger.info("%s: resumed at step %d from %s", loop.name, start,
+                checkpointer.directory)
+  else:
+    records = log.truncate_after(-1)
+  history = [r for r in records if r.get("kind") == "epoch"]
+  if start > total:
+    raise ValueError(
+        f"{loop.name}: the checkpoint in {loop.run_dir} is at step {start},"
+        f" past this config's {total} steps; use a fresh workdir."
+    )
+  events = writers.EventWriter(loop.run_dir / "tensorboard")
+  bar = tqdm.tqdm(total=total, initial=start, desc=loop.name, unit="step",
+                  disable=not config.progress_bar, dynamic_ncols=True,
+                  mininterval=1.0, leave=False)
+  pending, epoch_host = [], []
+  skipped = sum(int(r.get("skipped", 0)) for r in records
+                if r.get("kind") == "train")
+  interval_start = time.perf_counter()
+  epoch_start = time.perf_counter()
+  train_time = sum(float(r.get("epoch_time_s", 0.0)) for r in history)
+  try:
+    for step in range(start, total):
+      batch = next(loop.batches)
+      state, metrics = loop.step(
+          state, None if batch is None else ctx.put(batch))
+      pending.append(metrics)
+      bar.update(1)
+      end_of_epoch = (step + 1) % spe == 0
+      if (step + 1) % config.log_every_steps and not end_of_epoch:
+        continue
+      host = jax.device_get(pending)
+      first = step + 1 - len(host)
+      bad = _first_nonfinite(host, loop.finite)
+      if bad is not None and config.nonfinite == "stop":
+        value = np.asarray(host[bad].get(loop.loss_key, np.nan))
+        raise NonFiniteLossError(
+            f"{loop.name}: the loss or a gradient is not finite at step"
+            f" {first + bad} (epoch {(first + bad) // spe + 1}, batch"
+            f" {(first + bad) % spe + 1} of {spe}); {loop.loss_key}={value}."
+            " The step was not applied. Lower the learning rate, or set"
+            " `nonfinite='skip'` to skip such steps."
+        )
+      n_bad = sum(not loop.finite(m) for m in host)
+      skipped += n_bad
+      now = time.perf_counter()
+      rate = len(host) * loop.batch_size / max(now - interval_start, 1e-9)
+      interval_start = now
+      means = _flatten(
+          {f"train/{k}": v for k, v in _mean_metrics(host).items()},
+          loop.labels)
+      record = {"kind": "train", "step": step + 1, **means,
+                "samples_per_s": rate, "skipped": n_bad}
+      log.write(record)
+      events.scalars(step + 1, {**means, "train/samples_per_s": rate})
+      loss = means.get(f"train/{loop.loss_key}")
+      accuracy = means.get("train/accuracy")
+      bar.set_postfix({k: v for k, v in (
+          ("loss", None if loss is None else f"{loss:.4f}"),
+          ("acc", None if accuracy is None else f"{accuracy:.3f}"),
+          ("ex/s", f"{rate:.0f}")) if v is not None}, refresh=False)
+      epoch_host.extend(host)
+      pending = []
+      if not end_of_epoch:
+        continue
+      epoch = (step + 1) // spe
+      epoch_time = time.perf_counter() - epoch_start
+      train_time += epoch_time
+      evaluation = _flatten(loop.evaluate(state), loop.labels)
+      train_means = _flatten(
+          {f"train/{k}": v for k, v in _mean_metrics(epoch_host).items()},
+          loop.labels)
+      epoch_host = []
+      record = {"kind": "epoch", "epoch": epoch, "step": step + 1,
+                **train_means, **evaluation, "epoch_time_s": epoch_time,
+                "samples_per_s": spe * loop.batch_size / max(epoch_time,
+                                                             1e-9)}
+      history.append(record)
+      log.write(record)
+      events.scalars(step + 1, evaluation)
+      if checkpointer is not None and (
+          epoch % config.checkpoint_every_epochs == 0
+          or epoch == loop.num_epochs):
+        checkpointer.save(
+            loop.to_checkpoint(state),
+            metrics={**record, "nonfinite": 0},
+            data_state=(loop.batches.get_state()
+                        if hasattr(loop.batches, "get_state") else None),
+            force=True)
+      epoch_start = time.perf_counter()
+  finally:
+    bar.close()
+    if checkpointer is not None:
+      checkpointer.close()
+  if history:
+    writers.plot_curves(loop.run_dir / "curves.png", history, title=loop.name)
+  for record in history:
+    record.setdefault("skipped_total", skipped)
+  return state, history
+
+
+def summarize_history(history: Sequence[Mapping[str, Any]],
+                      key: str = BEST_METRIC) -> dict[str, Any]:
+  """Best and last epoch of ``key`` in a run's history."""
+  if not history:
+    return {}
+  values = [float(h.get(key, np.nan)) for h in history]
+  best = int(np.nanargmax(values)) if np.any(np.isfinite(values)) else -1
+  last = history[-1]
+  return {
+      "best_accuracy": values[best] if best >= 0 else float("nan"),
+      "best_epoch": int(history[best]["epoch"]) if best >= 0 else -1,
+      "last_accuracy": values[-1],
+      "epochs": int(last["epoch"]),
+      "steps": int(last["step"]),
+      "train_time_s": float(sum(h.get("epoch_time_s", 0.0)
+                                for h in history)),
+      "skipped_steps": int(last.get("skipped_total", 0)),
+      "last": {k: v for k, v in last.items() if k.startswith("test/")},
+  }
+
+
+# ---------------------------------------------------------------------------
+# Runs of the distillation engine.
+# ---------------------------------------------------------------------------
+
+
+def init_state(ctx: Context, distillation: Distillation, key: jax.Array,
+               sample_batch: Mapping[str, Any],
+               teacher_variables: Sequence[Any] = ()) -> DistillState:
+  """``distillation.init`` as one compiled program.
+
+  Run eagerly, Flax's initialisation dispatches (and compiles) every random
+  initialiser and layer on its own: hundreds of small compilations for a
+  ResNet. Under ``jit`` it is one program, and the validating trace of the
+  step happens all the same (at trace time, before compiling).
+  """
+  init = ctx.cached(("init", id(distillation)),
+                    lambda: jax.jit(distillation.init))
+  return init(key, dict(sample_batch), tuple(teacher_variables))
+
+
+def _finite(metrics: Mapping[str, Any]) -> bool:
+  flag = np.asarray(metrics.get("nonfinite", 0))
+  loss = np.asarray(metrics.get("loss", 0.0))
+  return not np.any(flag > 0) and bool(np.all(np.isfinite(loss)))
+
+
+def _evaluator(ctx: Context, eval_step) -> Callable[[Any], dict]:
+  def evaluate(state):
+    sums = [eval_step(state, ctx.put(b)) for b in ctx.data.eval_batches()]
+    summary = summarize(jax.device_get(sums))
+    return {f"test/{k}": v for k, v in summary.items()}
+  return evaluate
+
+
+def _save_config(ctx: Context, run_dir: pathlib.Path,
+                 resolved: Mapping[str, Any]) -> None:
+  run_dir.mkdir(parents=True, exist_ok=True)
+  writers.dump_json(run_dir / "config.json", {
+      "config": ctx.config.to_dict(),
+      "resolved": dict(resolved),
+  })
+
+
+def _teacher_logits(ctx: Context, group: teachers_lib.TeacherGroup,
+                    variables: teachers_lib.TeacherVariables) -> np.ndarray:
+  """The teachers' logits on the in-memory training split, ``[N, K, C]``."""
+  images, _ = ctx.data.train_arrays()
+  forward = ctx.cached(("teacher_forward", id(group)), lambda: jax.jit(
+      lambda v, x: teachers_lib.apply_teachers(group, v, x).logits))
+  size = ctx.data.eval_batch_size
+  out = []
+  for start in range(0, len(images), size):
+    chunk = images[start:start + size]
+    pad = size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:],
+                                              chunk.dtype)])
+    logits = np.asarray(forward(variables, ctx.put({"x": chunk})["x"]))
+    out.append(logits[:, :size - pad])
+  return np.moveaxis(np.concatenate(out, axis=1), 0, 1)
+
+
+@dataclasses.dataclass
+class Teachers:
+  """A teacher group and its stacked variables, with their runs' results."""
+
+  group: teachers_lib.TeacherGroup
+  variables: teachers_lib.TeacherVariables
+  results: list[dict]
+  model_name: str
+
+  def take(self, count: int) -> Teachers:
+    """The first ``count`` teachers."""
+    variables = jax.tree.map(lambda x: x[:count], self.variables)
+    return dataclasses.replace(self, variables=variables,
+                               results=self.results[:count])
+
+
+def _state_pair(state: DistillState):
+  return state.params["student"], state.model_state["student"]
+
+
+def _distillation_loop(ctx, *, name, run_dir, distillation, state, batches,
+                       num_epochs, labels=None, checkpoints=True,
+                       step=None, eval_step=None):
+  step = step or ctx.cached(("train_step", id(distillation)),
+                            lambda: make_train_step(distillation))
+  eval_step = eval_step or ctx.cached(("eval_step", id(distillation)),
+                                      lambda: make_eval_step(distillation))
+  return Loop(
+      name=name, run_dir=run_dir, step=step, batches=batches,
+      evaluate=_evaluator(ctx, eval_step), num_epochs=num_epochs,
+      batch_size=ctx.data.batch_size, finite=_finite, labels=labels,
+      to_checkpoint=(lambda s: s) if checkpoints else None,
+      from_checkpoint=(lambda _, restored: restored) if checkpoints else None,
+  )
+
+
+def _teacher_epochs(config) -> int:
+  return config.teacher.num_epochs if config.teacher.num_epochs >= 0 else (
+      config.num_epochs)
+
+
+def _run_result(ctx, *, role, name, method, model_name, seed, params,
+                history) -> dict:
+  return {"role": role, "run": name, "method": method, "model": model_name,
+          "seed": seed, "params": model_zoo.count_params(params),
+          **summarize_history(history)}
+
+
+def train_teacher(ctx: Context, seed: int, index: int,
+                  run_dir: pathlib.Path) -> tuple[DistillState, dict]:
+  """Trains teacher ``index`` of ``seed`` on the labels."""
+  config = ctx.config
+  model_name = config.teacher.model
+  epochs = _teacher_epochs(config)
+  spe = ctx.data.steps_per_epoch
+  distillation = ctx.cached(("teacher", model_name), lambda: Distillation(
+      student=ctx.model(model_name),
+      objective=[objective.LabelTerm()],
+      optimizer=make_optimizer(config.teacher.optimizer,
+                               steps_per_epoch=spe, num_epochs=epochs),
+      views=_views(config.teacher.shift_pixels),
+      nonfinite="skip"))
+  run_seed = seed + 1000 * index
+  state = ctx.place(init_state(ctx, distillation, jax.random.key(run_seed),
+                                ctx.data.sample_batch()))
+  name = f"seed {seed} teacher {index} ({model_name})"
+  _save_config(ctx, run_dir, {"role": "teacher", "seed": run_seed,
+                              "model": model_name, "num_epochs": epochs,
+                              "steps_per_epoch": spe})
+  loop = _distillation_loop(
+      ctx, name=name, run_dir=run_dir, distillation=distillation,
+      state=state, batches=ctx.data.train_iterator(run_seed),
+      num_epochs=epochs)
+  state, history = run_loop(ctx, loop, state)
+  result = _run_result(ctx, role="teacher", name=name, method="labels",
+                       model_name=model_name, seed=seed,
+                       params=state.params["student"], history=history)
+  writers.dump_json(run_dir / "results.json", result)
+  return state, result
+
+
+def teacher_name(seed: int) -> str:
+  return f"teacher_seed{seed}"
+
+
+def get_teachers(ctx: Context, seed: int, num_teachers: int) -> Teachers:
+  """Loads ``config.teacher.load``, or trains ``num_teachers`` teachers of
+  ``seed`` (resuming their runs) and saves them under
+  ``<workdir>/teachers/teacher_seed<seed>``."""
+  config = ctx.config
+  model_name = config.teacher.model
+  group = ctx.group(model_name)
+  if config.teacher.load:
+    directory = config.teacher.load_dir or ctx.workdir
+    variables = checkpoint_lib.load_teachers(directory, config.teacher.load)
+    first = teachers_lib.unstack_params(variables.params)[0]
+    states = (teachers_lib.unstack_params(variables.state)
+              if jax.tree.leaves(variables.state) else [{}])
+    model_zoo.check_input_shape(
+        group.model, ctx.data.image_shape, params=first, state=states[0],
+        where=(f"Teachers {config.teacher.load!r} loaded from {directory}"
+               f" on data set {ctx.data.spec.name!r}"))
+    count = teachers_lib.num_stacked(variables.params)
+    if count < num_teachers:
+      raise ValueError(
+          f"Teachers {config.teacher.load!r} hold {count} teachers; the"
+          f" methods need {num_teachers}.")
+    results = [{"role": "teacher", "run": f"loaded {config.teacher.load}",
+                "model": model_name, "seed": seed,
+                "params": model_zoo.count_params(first)}] * count
+    return Teachers(group, variables, results, model_name)
+  states, results = [], []
+  for index in range(num_teachers):
+    state, result = train_teacher(
+        ctx, seed, index, ctx.workdir / f"seed_{seed}" / f"teacher_{index}")
+    states.append(state)
+    results.append(result)
+  variables = teachers_lib.TeacherVariables(
+      params=teachers_lib.stack_params(
+          [s.params["student"] for s in states], name="params"),
+      state=teachers_lib.stack_params(
+          [s.model_state["student"] for s in states], name="state"))
+  checkpoint_lib.save_teachers(ctx.workdir, teacher_name(seed), variables,
+                               overwrite=True)
+  return Teachers(group, variables, results, model_name)
+
+
+def born_again_teacher(ctx: Context, seed: int) -> Teachers:
+  """The student's own architecture trained on labels: the baseline run."""
+  result, state = train_student(ctx, seed, "baseline", None)
+  params, model_state = _state_pair(state)
+  group = ctx.born_again_group()
+  variables = teachers_lib.TeacherVariables(
+      params=jax.tree.map(lambda x: x[None], params),
+      state=jax.tree.map(lambda x: x[None], model_state))
+  return Teachers(group, variables, [result], ctx.config.student.model)
+
+
+def student_distillation(ctx: Context, method: str,
+                         plan: methods_lib.Plan) -> Distillation:
+  """The (cached) ``Distillation`` of a method's student."""
+  config = ctx.config
+  spe = ctx.data.steps_per_epoch
+  group = ctx.group_for(plan)
+  # The terms' reprs tell a sweep's Hyper temperature from a fixed one.
+  key = ("student", method, tuple(map(repr, plan.objective)), id(group))
+
+  def build():
+    return Distillation(
+        student=ctx.model(config.student.model),
+        objective=plan.objective,
+        optimizer=make_optimizer(config.optimizer, steps_per_epoch=spe,
+                                 num_epochs=config.num_epochs),
+        teachers=() if group is None else (group,),
+        views=_views(config.student.shift_pixels, plan.views),
+        nonfinite="skip")
+  return ctx.cached(key, build)
+
+
+def _abstract_teachers(ctx: Context, group: teachers_lib.TeacherGroup,
+                       count: int) -> teachers_lib.TeacherVariables:
+  images = jax.ShapeDtypeStruct((1,) + ctx.data.image_shape, jnp.float32)
+  params, state = jax.eval_shape(group.model.init, jax.random.key(0), images)
+  stack = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((count,) + x.shape, x.dtype), tree)
+  return teachers_lib.TeacherVariables(stack(params), stack(state))
+
+
+def preflight(ctx: Context, methods: Sequence[str], *,
+              temperature: Any = None) -> None:
+  """Traces each method's initialisation and step on abstract values.
+
+  Nothing runs and nothing is compiled: a method that cannot work with these
+  models (a feature the student lacks, a loss that needs spatial maps, a
+  teacher without BatchNorm for DeepInversion) is reported before the first
+  run starts, not after hours of training the ones before it.
+
+  Raises:
+    ValueError: Naming the method, the models and the cause.
+  """
+  config = ctx.config
+  spe = ctx.data.steps_per_epoch
+  sample = ctx.data.sample_batch()
+  for method in methods:
+    plan = methods_lib.build(method, config, steps_per_epoch=spe,
+                             temperature=temperature)
+    group = ctx.group_for(plan)
+    count = max(plan.num_teachers, 1)
+    variables = (None if group is None
+                 else _abstract_teachers(ctx, group, count))
+    hparams = ({temperature.name: 1.0}
+               if isinstance(temperature, objective.Hyper) else None)
+    try:
+      if plan.data_free:
+        dfd = _data_free_spec(ctx, group)
+        jax.eval_shape(
+            lambda v, d=dfd: d.init(jax.random.key(0), v,
+                                    ctx.data.image_shape), variables)
+      else:
+        distillation = student_distillation(ctx, method, plan)
+        jax.eval_shape(
+            lambda s, v, d=distillation: d.init(
+                jax.random.key(0), s, () if v is None else (v,),
+                hparams=hparams), sample, variables)
+    except (ValueError, TypeError) as error:
+      teacher = "" if group is None else (
+          f" and teacher {group.model.name!r}")
+      raise ValueError(
+          f"Method {method!r} cannot run with student"
+          f" {config.student.model!r}{teacher} on"
+          f" {ctx.data.spec.name!r}: {error}"
+      ) from error
+
+
+def _offline(ctx: Context, plan: methods_lib.Plan) -> bool:
+  """Whether cached teacher logits give exactly the online step."""
+  config = ctx.config
+  return bool(config.offline_teacher and ctx.data.in_memory
+              and plan.logits_only and not config.student.shift_pixels)
+
+
+def train_student(
+    ctx: Context,
+    seed: int,
+    method: str,
+    teachers: Teachers | None,
+    *,
+    run_dir: pathlib.Path | None = None,
+) -> tuple[dict, DistillState]:
+  """Trains the student of ``seed`` with ``method``; returns its results
+  and final state (for ``data_free`` a ``DistillState`` view of it)."""
+  config = ctx.config
+  spe = ctx.data.steps_per_epoch
+  plan = methods_lib.build(method, config, steps_per_epoch=spe)
+  run_dir = run_dir or ctx.workdir / f"seed_{seed}" / method
+  if plan.num_teachers and teachers is None:
+    raise ValueError(f"Method {method!r} needs teachers.")
+  if teachers is not None and plan.num_teachers:
+    teachers = teachers.take(plan.num_teachers)
+  if plan.data_free:
+    return _train_data_free(ctx, seed, teachers, run_dir)
+  if not plan.num_teachers:
+    teachers = None
+  distillation = student_distillation(ctx, method, plan)
+  extra = None
+  offline = teachers is not None and _offline(ctx, plan)
+  if offline:
+    extra = {"teacher_logits": _teacher_logits(ctx, teachers.group,
+                                               teachers.variables)}
+  sample = ctx.data.sample_batch()
+  if extra:
+    sample["teacher_logits"] = np.zeros(
+        (extra["teacher_logits"].shape[1], ctx.data.batch_size,
+         extra["teacher_logits"].shape[2]), np.float32)
+  # The train step donates its state, teachers included: give it a copy.
+  state = init_state(
+      ctx, distillation, jax.random.key(seed), sample,
+      () if teachers is None else (jax.tree.map(jnp.copy,
+                                                teachers.variables),))
+  state = ctx.place(state)
+  name = f"seed {seed} {method} ({config.student.model})"
+  _save_config(ctx, run_dir, {
+      "role": "student", "method": method, "seed": seed,
+      "model": config.student.model, "steps_per_epoch": spe,
+      "offline_teacher_logits": offline,
+      "teachers": None if teachers is None else [
+          r.get("run") for r in teachers.results],
+      "objective": [repr(t) for t in plan.objective]})
+  loop = _distillation_loop(
+      ctx, name=name, run_dir=run_dir, distillation=distillation,
+      state=state, batches=ctx.data.train_iterator(seed, extra=extra),
+      num_epochs=config.num_epochs)
+  state, history = run_loop(ctx, loop, state)
+  result = _run_result(ctx, role="student", name=name, method=method,
+                       model_name=config.student.model, seed=seed,
+                       params=state.params["student"], history=history)
+  result["offline_teacher_logits"] = offline
+  writers.dump_json(run_dir / "results.json", result)
+  return result, state
+
+
+# ---------------------------------------------------------------------------
+# Data-free runs.
+# ---------------------------------------------------------------------------
+
+
+def _data_free_spec(ctx: Context, group: teachers_lib.TeacherGroup
+                    ) -> data_free_lib.DataFreeDistillation:
+  config = ctx.config
+  cfg = config.data_free
+  spe = ctx.data.steps_per_epoch
+
+  def build():
+    return data_free_lib.DataFreeDistillation(
+        ctx.model(config.student.model), group,
+        data_free_lib.Generator(image_shape=ctx.data.image_shape,
+                                width=cfg.generator_width, output="linear"),
+        make_optimizer(config.optimizer, steps_per_epoch=spe,
+                       num_epochs=config.num_epochs),
+        optax.adam(cfg.generator_learning_rate),
+        noise_dim=cfg.noise_dim, batch_size=cfg.batch_size,
+        temperature=cfg.temperature, bn_weight=cfg.bn_weight,
+        one_hot_weight=cfg.one_hot_weight,
+        activation_weight=cfg.activation_weight,
+        entropy_weight=cfg.entropy_weight,
+        adversarial_weight=cfg.adversarial_weight)
+  return ctx.cached(("data_free", id(group)), build)
+
+
+def _train_data_free(ctx: Context, seed: int, teachers: Teachers,
+                     run_dir: pathlib.Path) -> tuple[dict, DistillState]:
+  config = ctx.config
+  cfg = config.data_free
+  spe = cfg.steps_per_epoch or ctx.data.steps_per_epoch
+  student = ctx.model(config.student.model)
+  dfd = _data_free_spec(ctx, teachers.group)
+
+  def build():
+    evaluator = Distillation(student=student,
+                             objective=[objective.LabelTerm()],
+                             optimizer=optax.identity(),
+                             teachers=(teachers.group,))
+    return data_free_lib.make_data_free_step(dfd), make_eval_step(evaluator)
+
+  step, eval_step = ctx.cached(("data_free_steps", id(dfd)), build)
+  init = ctx.cached(("data_free_init", id(dfd)), lambda: jax.jit(
+      dfd.init, static_argnums=2))
+  state = init(jax.random.key(seed),
+               jax.tree.map(jnp.copy, teachers.variables),
+               tuple(ctx.data.image_shape))
+
+  def as_distill_state(s) -> DistillState:
+    return DistillState(
+        step=s.step,
+        params={"student": s.student_params, "terms": {},
+                "generator": s.generator_params},
+        model_state={"student": s.student_state, "terms": {},
+                     "generator": s.generator_state},
+        opt_state={"student": s.student_opt_state,
+                   "generator": s.generator_opt_state},
+        rng=s.rng, teachers=(s.teachers,))
+
+  def from_distill_state(s, d: DistillState):
+    return s.replace(
+        step=d.step, student_params=d.params["student"],
+        generator_params=d.params["generator"],
+        student_state=d.model_state["student"],
+        generator_state=d.model_state["generator"],
+        student_opt_state=d.opt_state["student"],
+        generator_opt_state=d.opt_state["generator"], rng=d.rng)
+
+  evaluate = _evaluator(ctx, eval_step)
+
+  def finite(metrics):
+    return bool(np.isfinite(metrics["student_loss"])
+                and np.isfinite(metrics["generator_loss"]))
+
+  def batches():
+    while True:
+      yield None
+
+  name = f"seed {seed} data_free ({config.student.model})"
+  _save_config(ctx, run_dir, {"role": "student", "method": "data_free",
+                              "seed": seed, "model": config.student.model,
+                              "steps_per_epoch": spe})
+  loop = Loop(
+      name=name, run_dir=run_dir, step=lambda s, _: step(s),
+      batches=batches(), evaluate=lambda s: evaluate(as_distill_state(s)),
+      num_epochs=config.num_epochs, batch_size=cfg.batch_size,
+      finite=finite, loss_key="student_loss",
+      to_checkpoint=as_distill_state, from_checkpoint=from_distill_state,
+      steps_per_epoch=spe)
+  state, history = run_loop(ctx, loop, state)
+  result = _run_result(ctx, role="student", name=name, method="data_free",
+                       model_name=config.student.model, seed=seed,
+                       params=state.student_params, history=history)
+  writers.dump_json(run_dir / "results.json", result)
+  return result, as_distill_state(state)
+
+
+# ---------------------------------------------------------------------------
+# Latency, and the train mode.
+# ---------------------------------------------------------------------------
+
+
+def measure_latency(
+    model: Model,
+    params: Any,
+    model_state: Any,
+    image_shape: Sequence[int],
+    *,
+    batch_size: int,
+    repeats: int,
+    warmup: int = 3,
+) -> dict[str, float]:
+  """Inference time of one batch on the default device, in milliseconds.
+
+  The forward pass (``train=False``) is jitted; ``warmup`` calls (the first
+  compiles) are not timed; each timed call ends with ``block_until_ready``.
+  Returns the median and the 10th and 90th percentiles.
+  """
+  forward = jax.jit(
+      lambda p, s, x: model.apply(p, s, x, train=False, rng=None)[0])
+  images = jnp.zeros((batch_size,) + tuple(image_shape), jnp.float32)
+  params, model_state = jax.device_put((params, model_state))
+  for _ in range(warmup):
+    forward(params, model_state, images).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    forward(params, model_state, images).block_until_ready()
+    times.append((time.perf_counter() - start) * 1e3)
+  return {"median_ms": float(np.median(times)),
+          "p10_ms": float(np.percentile(times, 10)),
+          "p90_ms": float(np.percentile(times, 90)),
+          "batch_size": int(batch_size), "repeats": int(repeats)}
+
+
+def teachers_for(ctx: Context, seed: int, methods: Sequence[str],
+                 baseline: tuple[dict, DistillState] | None = None
+                 ) -> dict[str, Teachers | None]:
+  """The teachers each method of ``methods`` uses, built once per seed."""
+  config = ctx.config
+  plans = {m: methods_lib.build(m, config,
+                                steps_per_epoch=ctx.data.steps_per_epoch)
+           for m in methods}
+  needed = max([p.num_teachers for p in plans.values()
+                if not p.teacher_is_student] + [0])
+  if any(p.data_free for p in plans.values()):
+    needed = max(needed, 1)
+  shared = get_teachers(ctx, seed, needed) if needed else None
+  out = {}
+  for method, plan in plans.items():
+    if plan.teacher_is_student:
+      out[method] = born_again_teacher(ctx, seed)
+    elif plan.num_teachers or plan.data_free:
+      out[method] = shared
+    else:
+      out[method] = None
+  del baseline
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | pathlib.Path) -> dict[str, Any]:
+  """``--mode=train``: the teachers, then the student of ``config.method``.
+
+  Returns:
+    The student's results (``best_accuracy``, ``best_epoch``,
+    ``last_accuracy``, ``params``, ...) with the teachers' under
+    ``"teachers"``; also written to ``<workdir>/results.json``.
+  """
+  validate(config, "train")
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  ctx = Context.create(config, workdir)
+  preflight(ctx, [config.method])
+  writers.dump_json(workdir / "config.json", config.to_dict())
+  teachers = teachers_for(ctx, config.seed, [config.method])[config.method]
+  result, _ = train_student(ctx, config.seed, config.method, teachers)
+  result["teachers"] = [] if teachers is None else teachers.results
+  writers.dump_json(workdir / "results.json", result)
+  return result

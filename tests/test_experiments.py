@@ -1,0 +1,358 @@
+"""The experiment CLI: configs, the pipeline's outputs, bad input, resume."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import shutil
+import sys
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import main as main_lib
+from experiments import model_zoo
+from experiments import pipeline
+from experiments import train
+from experiments import writers
+from experiments.configs import common
+from jaxkd import checkpoint
+from jaxkd import data
+from jaxkd import teachers as teachers_lib
+from tools import results_readme
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob(
+    "*.py") if p.stem not in ("__init__", "common"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+  """Compile with few optimisations, as Flax's imagenet train_test does."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """Embedded data sets are prepared here once (about a second)."""
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def get_config(name: str, arg: str | None = "runlocal"):
+  module = importlib.import_module(f"experiments.configs.{name}")
+  return module.get_config(arg)
+
+
+def tiny(config, data_dir, **overrides):
+  """A runlocal config cut to one step per epoch, single device."""
+  config.data_dir = data_dir
+  config.steps_per_epoch = 1
+  config.num_epochs = 1
+  config.teacher.num_epochs = 1
+  config.progress_bar = False
+  config.data_parallel = False
+  # One evaluation batch of 8 (a runlocal test split is "<split>[:N]").
+  config.test_split = config.test_split.split("[")[0] + "[:8]"
+  config.eval_batch_size = 8
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+# -- Configs ------------------------------------------------------------------
+
+
+def test_every_config_is_tested():
+  assert CONFIGS == ["cifar100_resnet32x4_resnet8x4", "cifar100_wrn40_2_wrn16_2",
+                     "imagenet_resnet34_resnet18", "mnist5k_default",
+                     "mnist_hinton"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_docstring_has_launch_command_and_runtime(name):
+  module = importlib.import_module(f"experiments.configs.{name}")
+  doc = module.__doc__
+  assert f"--config=experiments/configs/{name}.py" in doc.replace("\\\n", "")
+  assert "Expected runtime" in doc
+  full, local = module.get_config(), module.get_config("runlocal")
+  assert full.name == local.name == name
+  assert local.num_epochs < full.num_epochs
+  train.validate(full, "pipeline")
+  train.validate(full, "compare")
+
+
+# Teachers too large to train in a unit test are loaded instead (random
+# weights, saved with jaxkd.checkpoint); training a teacher in the run is
+# tested by mnist_hinton here and by the mnist5k pipeline below.
+LOAD_TEACHER = ("cifar100_resnet32x4_resnet8x4", "cifar100_wrn40_2_wrn16_2",
+                "imagenet_resnet34_resnet18")
+
+
+def _save_random_teacher(config, workdir, image_shape, num_classes):
+  model = model_zoo.create(config.teacher.model, num_classes=num_classes)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1,) + image_shape,
+                                               np.float32))
+  # Any weights do for a smoke test; zeros cost no compilation.
+  params, state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  _, variables = teachers_lib.TeacherGroup.create(model, [params], [state])
+  checkpoint.save_teachers(workdir, "random", variables)
+  config.teacher.load = "random"
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "mnist5k_default"])
+def test_runlocal_config_trains_on_mock_data(name, tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  config = tiny(get_config(name), "/nonexistent")
+  if name.startswith("imagenet"):
+    config.image_size = 16
+  if name in LOAD_TEACHER:
+    spec = data.get_spec(config.dataset)
+    size = config.image_size
+    shape = (size, size, 3) if size else tuple(spec.image_shape)
+    _save_random_teacher(config, tmp_path, shape, spec.num_classes)
+  with tfds.testing.mock_data(num_examples=64,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    result = train.train_and_evaluate(config, tmp_path)
+  assert result["steps"] == 1 and result["method"] == config.method
+  assert 0.0 <= result["last_accuracy"] <= 1.0
+  assert result["teachers"][0]["model"] == config.teacher.model
+  assert (tmp_path / "seed_0" / config.method / "metrics.jsonl").exists()
+
+
+def test_parse_arg():
+  arg = common.parse_arg("runlocal,seeds=2", runlocal=False, seeds=5)
+  assert arg.runlocal is True and arg.seeds == 2
+  with pytest.raises(ValueError, match="Unknown config argument 'sede'"):
+    common.parse_arg("sede=2", runlocal=False, seeds=5)
+
+
+# -- The pipeline on the embedded data ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp("pipeline")
+  results_dir = workdir / "results"
+  config = get_config("mnist5k_default")
+  config.data_dir = data_dir
+  config.progress_bar = False
+  config.pipeline.methods = ("kd",)
+  out = pipeline.run_methods(config, workdir, mode="pipeline",
+                             command="python -m experiments.main ...",
+                             results_dir=results_dir)
+  return config, workdir, results_dir, out
+
+
+def test_pipeline_writes_the_result_table(pipeline_run):
+  config, _, results_dir, out = pipeline_run
+  text = (results_dir / "mnist5k_default.md").read_text()
+  assert "python -m experiments.main ..." in text
+  for header in ("params", "latency", "last epoch", "best epoch", "Versions"):
+    assert header in text
+  keys = [row["key"] for row in out["rows"]]
+  assert keys == ["teacher", "baseline", "kd"]
+  for row in out["rows"]:
+    assert row["seeds"] == [0, 1]
+    assert row["latency"]["median_ms"] > 0
+  assert out["rows"][0]["params"] == 2_395_210  # 784-1200-1200-10
+  data = json.loads((results_dir / "mnist5k_default.json").read_text())
+  assert data["rows"][2]["method"] == "kd"
+  assert data["gaps"][0]["method"] == "kd"
+  del config
+
+
+def test_pipeline_run_directories(pipeline_run):
+  _, workdir, _, _ = pipeline_run
+  assert json.loads((workdir / "config.json").read_text())["name"] == (
+      "mnist5k_default")
+  for seed in (0, 1):
+    for run in ("teacher_0", "baseline", "kd"):
+      run_dir = workdir / f"seed_{seed}" / run
+      saved = json.loads((run_dir / "config.json").read_text())
+      assert saved["config"]["pipeline"]["seeds"] == 2
+      records = [json.loads(line) for line in
+                 (run_dir / "metrics.jsonl").read_text().splitlines()]
+      epochs = [r for r in records if r["kind"] == "epoch"]
+      assert [r["epoch"] for r in epochs] == list(
+          range(1, len(epochs) + 1))
+      assert all("test/accuracy" in r for r in epochs)
+      assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+      assert (run_dir / "checkpoints").is_dir()
+  kd = json.loads((workdir / "seed_0" / "kd" / "results.json").read_text())
+  assert kd["offline_teacher_logits"] is True
+  assert checkpoint.saved_teacher_names(workdir) == [
+      "teacher_seed0", "teacher_seed1"]
+
+
+def test_pipeline_tensorboard_events_parse(pipeline_run):
+  event_accumulator = pytest.importorskip(
+      "tensorboard.backend.event_processing.event_accumulator")
+  _, workdir, _, _ = pipeline_run
+  logdir = workdir / "seed_0" / "kd" / "tensorboard"
+  accumulator = event_accumulator.EventAccumulator(str(logdir))
+  accumulator.Reload()
+  tags = accumulator.Tags()["scalars"]
+  assert "train/loss" in tags and "test/accuracy" in tags
+  steps = [e.step for e in accumulator.Scalars("test/accuracy")]
+  assert steps == [2, 4]
+
+
+def test_crc32c_check_value():
+  assert writers.crc32c(b"123456789") == 0xE3069283
+
+
+def test_results_readme_renders_between_markers(pipeline_run, tmp_path):
+  _, _, results_dir, _ = pipeline_run
+  readme = "intro\n<!-- results:start -->\nold\n<!-- results:end -->\nend\n"
+  out = results_readme.render(readme, results_dir, root=results_dir.parent)
+  assert out.startswith("intro\n<!-- results:start -->\n### mnist5k_default")
+  assert "| student: mlp_300 | kd" in out and out.endswith(
+      "<!-- results:end -->\nend\n")
+  assert "old" not in out
+  assert results_readme.render(out, results_dir, results_dir.parent) == out
+  with pytest.raises(ValueError, match="results:start"):
+    results_readme.render("no markers", results_dir)
+  del tmp_path
+
+
+def test_resume_is_exact(pipeline_run, tmp_path):
+  """A run resumed from its epoch-1 checkpoint ends where the original did."""
+  config, workdir, _, _ = pipeline_run
+  original = workdir / "seed_0" / "kd"
+  copy = tmp_path / "seed_0" / "kd"
+  shutil.copytree(original, copy)
+  shutil.copytree(workdir / "seed_0" / "teacher_0", tmp_path / "seed_0" /
+                  "teacher_0")
+  shutil.rmtree(copy / "checkpoints" / "4")  # the last epoch (step 4)
+  ctx = train.Context.create(config, tmp_path)
+  teachers = train.get_teachers(ctx, 0, 1)
+  result, state = train.train_student(ctx, 0, "kd", teachers)
+  expected = json.loads((original / "results.json").read_text())
+  assert result["last_accuracy"] == expected["last_accuracy"]
+  assert result["steps"] == 4
+  reference = train.train_student(ctx, 0, "kd", teachers,
+                                  run_dir=original)[1]
+  np.testing.assert_array_equal(
+      jax.tree.leaves(state.params)[0], jax.tree.leaves(reference.params)[0])
+  lines = (copy / "metrics.jsonl").read_text().splitlines()
+  assert lines == (original / "metrics.jsonl").read_text().splitlines()[
+      :len(lines)] or len(lines) == len(
+          (original / "metrics.jsonl").read_text().splitlines())
+
+
+# -- Bad input -----------------------------------------------------------------
+
+
+def _compiles(monkeypatch):
+  """Makes any compilation fail the test."""
+  def fail(*args, **kwargs):
+    raise AssertionError("compiled before the bad input was reported")
+  monkeypatch.setattr(jax.stages.Lowered, "compile", fail)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("dataset", "cifar1000", "Unknown data set 'cifar1000'"),
+    ("train_split", "trian", "Unknown split 'trian'"),
+    ("method", "kd2", "Unknown method 'kd2'. Known methods: baseline, kd"),
+    ("student.model", "resnet9", "Unknown model 'resnet9'"),
+    ("nonfinite", "ignore", "`nonfinite` must be one of"),
+    ("optimizer.name", "rmsprop", "`optimizer.name` must be one of"),
+    ("image_size", 64, "`image_size` resizes only"),
+])
+def test_bad_input_is_reported_before_compiling(key, value, match, data_dir,
+                                                 tmp_path, monkeypatch):
+  config = tiny(get_config("mnist5k_default"), data_dir, **{key: value})
+  _compiles(monkeypatch)
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, tmp_path)
+
+
+def test_unknown_config_key_is_an_error():
+  config = get_config("mnist5k_default")
+  config.lock()
+  with pytest.raises(AttributeError, match="temprature"):
+    config.kd.temprature = 2.0
+
+
+def _parse_command_line(flag_values, argv, monkeypatch):
+  # Config overrides are read from sys.argv by ml_collections.
+  monkeypatch.setattr(sys, "argv", argv)
+  with warnings.catch_warnings():
+    # ml_collections loads config files with a deprecated importlib call.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    flag_values(argv)
+
+
+def test_unknown_key_on_the_command_line(monkeypatch):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  def parse(*overrides):
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
+                                    lock_config=True)
+    _parse_command_line(flag_values, [
+        "main", "--config=experiments/configs/mnist5k_default.py:runlocal",
+        *overrides], monkeypatch)
+    return flag_values.config
+
+  with pytest.raises(AttributeError,
+                     match='Did you mean "temperature" instead of "temprature"'):
+    parse("--config.kd.temprature=2")
+  config = parse("--config.kd.temperature=2")
+  assert config.kd.temperature == 2.0
+  assert config.num_epochs == 2  # runlocal
+
+
+def test_main_trains_one_student(data_dir, tmp_path, capsys, monkeypatch):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  argv = ["main", "--config=experiments/configs/mnist5k_default.py:runlocal",
+          f"--workdir={tmp_path}", "--mode=train",
+          "--config.method=self_distillation", f"--config.data_dir={data_dir}",
+          "--config.progress_bar=False", "--config.data_parallel=False",
+          "--config.steps_per_epoch=1", "--config.num_epochs=1"]
+  try:
+    _parse_command_line(flags.FLAGS, argv, monkeypatch)
+    main_lib.main(["main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert "'method': 'self_distillation'" in capsys.readouterr().out
+  result = json.loads((tmp_path / "results.json").read_text())
+  assert result["teachers"] == [] and result["steps"] == 1
+
+
+def test_images_the_model_does_not_take(data_dir, tmp_path, monkeypatch):
+  """Teachers saved for 8x8 digits, loaded for 28x28 MNIST."""
+  model = model_zoo.create("hinton_teacher", num_classes=10)
+  params, state = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1)))
+  _, variables = teachers_lib.TeacherGroup.create(model, [params], [state])
+  checkpoint.save_teachers(tmp_path, "digits_teacher", variables)
+  config = tiny(get_config("mnist5k_default"), data_dir,
+                **{"teacher.load": "digits_teacher"})
+  _compiles(monkeypatch)
+  with pytest.raises(ValueError, match=r"does not take images of shape"
+                     r" \(28, 28, 1\)"):
+    train.train_and_evaluate(config, tmp_path)
+
+
+def test_nonfinite_loss_stops_naming_the_step(data_dir, tmp_path):
+  config = tiny(get_config("mnist5k_default"), data_dir, method="baseline",
+                num_epochs=2, steps_per_epoch=3,
+                **{"optimizer.learning_rate": 1e30})
+  config.optimizer.name = "sgd"
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"not finite at step \d+ \(epoch \d+, batch \d+"):
+    train.train_and_evaluate(config, tmp_path)

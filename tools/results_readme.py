@@ -1,0 +1,95 @@
+"""Writes the README's "Results" section from ``experiments/results/*.md``.
+
+  python -m tools.results_readme           # rewrite the section in README.md
+  python -m tools.results_readme --check   # exit 1 if README.md is out of date
+
+Every results file written by ``experiments/pipeline.py`` (pipeline,
+compare and sweep modes) becomes one subsection between
+``<!-- results:start -->`` and ``<!-- results:end -->``: its title, its
+result table (the lines between ``<!-- table:start -->`` and
+``<!-- table:end -->``), the command, date and machine it was produced with,
+and a link to the full file. Files are taken in name order.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+
+START = "<!-- results:start -->"
+END = "<!-- results:end -->"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RESULTS = ROOT / "experiments" / "results"
+
+_TABLE = re.compile(r"<!-- table:start -->\n(.*?)\n<!-- table:end -->", re.S)
+
+
+def _field(text: str, name: str) -> str:
+  match = re.search(rf"^- {name}: (.*)$", text, re.M)
+  return match.group(1).strip() if match else ""
+
+
+def section(results_dir: pathlib.Path = RESULTS,
+            root: pathlib.Path = ROOT) -> str:
+  """The Markdown of the results section (without the markers)."""
+  parts = []
+  for path in sorted(results_dir.glob("*.md")):
+    text = path.read_text()
+    table = _TABLE.search(text)
+    if table is None:
+      continue
+    title = text.splitlines()[0].lstrip("# ").strip() or path.stem
+    try:
+      link = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+      link = path.as_posix()
+    lines = [f"### {title}", "", table.group(1).strip(), ""]
+    command = _field(text, "Command")
+    if command:
+      lines.append(f"Command: {command}. ")
+    when = _field(text, "Date")
+    machine = _field(text, "Machine")
+    if when or machine:
+      lines.append(f"{when}; {machine}. ".replace("; .", "."))
+    lines.append(f"Details, versions and per-seed numbers: [{link}]({link}).")
+    parts.append("\n".join(lines))
+  if not parts:
+    return "No results yet: run a pipeline (see experiments/configs)."
+  return "\n\n".join(parts)
+
+
+def render(readme: str, results_dir: pathlib.Path = RESULTS,
+           root: pathlib.Path = ROOT) -> str:
+  """``readme`` with the section between the markers replaced.
+
+  Raises:
+    ValueError: If the markers are missing or out of order.
+  """
+  if START not in readme or END not in readme or (
+      readme.index(START) > readme.index(END)):
+    raise ValueError(
+        f"README.md needs the markers {START} and {END} (in that order)"
+        " around its results section."
+    )
+  before, rest = readme.split(START, 1)
+  _, after = rest.split(END, 1)
+  return f"{before}{START}\n{section(results_dir, root)}\n{END}{after}"
+
+
+def main(argv: list[str]) -> int:
+  text = README.read_text()
+  updated = render(text)
+  if "--check" in argv:
+    if updated != text:
+      print("README.md's results section is out of date:"
+            " python -m tools.results_readme")
+      return 1
+    return 0
+  README.write_text(updated)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
