@@ -400,3 +400,27 @@ def test_errors_before_any_step():
   with pytest.raises(ValueError, match="unique"):
     train_step.Distillation(student=STUDENT, objective=KD + KD,
                             optimizer=optax.sgd(0.1))
+
+
+def test_the_same_step_trains_an_nnx_student():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxkd.models import from_nnx  # pylint: disable=g-import-not-at-top
+
+  class NnxMLP(nnx.Module):
+
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(64, 16, rngs=rngs)
+      self.norm = nnx.BatchNorm(16, momentum=0.9, rngs=rngs)
+      self.out = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+      h = nnx.relu(self.norm(self.hidden(x.reshape(x.shape[0], -1))))
+      return self.out(h), {"embedding": h}
+
+  group, variables = teacher_group(1)
+  spec = train_step.Distillation(
+      student=from_nnx(NnxMLP, name="nnx_mlp"), teachers=[group],
+      objective=KD, optimizer=optax.adam(1e-2),
+  )
+  state, history = run(spec, BATCHES, [variables])
+  assert_trains(history)
