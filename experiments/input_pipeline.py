@@ -30,7 +30,8 @@ import numpy as np
 from jaxkd import data as data_lib
 
 
-def random_shift(images: jax.Array, key: jax.Array, *, pixels: int) -> jax.Array:
+def random_shift(images: jax.Array, key: jax.Array, *,
+                 pixels: int) -> jax.Array:
   """Translates each image by up to ``pixels`` in x and y, filling with the
   image's minimum (the background of normalised digits).
 

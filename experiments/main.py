@@ -34,12 +34,16 @@ _MODE = flags.DEFINE_enum(
 _RESULTS_DIR = flags.DEFINE_string(
     "results_dir", str(pipeline.DEFAULT_RESULTS_DIR),
     "Where pipeline/compare/sweep write <config name>.md and .json.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Checked here rather than with flags.mark_flags_as_required, whose
+  # validators would fire in any program that imports this module and
+  # parses its own flags.
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required.")
   for name in ("absl", "jax"):
     logging.getLogger(name).setLevel(logging.WARNING)
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value

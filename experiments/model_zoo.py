@@ -83,11 +83,8 @@ def check_input_shape(
           lambda p, s, x: model.apply(p, s, x, train=False, rng=None),
           params, state or {}, images)
   except Exception as error:  # Flax raises several types for shapes.
-    made_for = ""
-    if params is not None:
-      shapes = [np.shape(p) for p in jax.tree.leaves(params)]
-      made_for = f" (its first parameter has shape {shapes[0]})" if shapes else ""
+    made = " with these parameters" if params is not None else ""
     raise ValueError(
-        f"{where}: model {model.name!r}{made_for} does not take images of"
-        f" shape {tuple(image_shape)} (height, width, channels): {error}"
+        f"{where}: model {model.name!r}{made} does not take images of shape"
+        f" {tuple(image_shape)} (height, width, channels): {error}"
     ) from error

@@ -1,12 +1,13 @@
 """The pipeline, method-comparison and temperature-sweep modes.
 
-* :func:`run_pipeline` (``--mode=pipeline``): for each of
+* :func:`run_methods` with ``mode="pipeline"`` (``--mode=pipeline``): for
+  each of
   ``config.pipeline.seeds`` seeds, the teacher, the baseline student (labels
   only) and one student per method of ``config.pipeline.methods``; then the
   parameter count and inference latency of each model, and the result table
   (test accuracy, mean ± standard deviation over the seeds, at the best and
   at the last epoch).
-* :func:`run_compare` (``--mode=compare``): the same for every method of
+* :func:`run_methods` with ``mode="compare"``: the same for every method of
   ``config.compare.methods``, over ``config.compare.seeds`` seeds.
 * :func:`run_sweep` (``--mode=sweep``): one vmapped run of N students that
   differ only in the temperature (``jaxkd.sweep``), with a plot of accuracy
@@ -29,10 +30,10 @@ import time
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from experiments import loop as loop_lib
 from experiments import methods as methods_lib
 from experiments import train as train_lib
 from experiments import writers
@@ -74,8 +75,10 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
   return float(np.mean(array)), std
 
 
-def _pct(mean_std: tuple[float, float]) -> str:
+def _pct(mean_std: tuple[float, float], seeds: int = 2) -> str:
   mean, std = mean_std
+  if seeds < 2:  # No standard deviation from one seed.
+    return f"{100 * mean:.2f}"
   return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
@@ -158,7 +161,8 @@ def render_table(rows: Sequence[dict], latency_batch: int) -> str:
       "|---|---|---:|---:|---:|---:|---:|---:|",
   ]
   for row in rows:
-    role = "teacher" if row["role"] == "teacher" else "student"
+    role = row["key"].replace("_", " ") if row["role"] == "teacher" else (
+        "student")
     method = row["method"] if not row["detail"] else (
         f"{row['method']} ({row['detail']})")
     latency = row["latency"].get("median_ms")
@@ -166,9 +170,53 @@ def render_table(rows: Sequence[dict], latency_batch: int) -> str:
     lines.append(
         f"| {role}: {row['model']} | {method} | {row['params']:,} |"
         f" {'' if latency is None else f'{latency:.3f}'} |"
-        f" {_pct(row['last_mean_std'])} | {_pct(row['best_mean_std'])} |"
-        f" {int(np.median(epochs))} (median) | {len(row['seeds'])} |")
+        f" {_pct(row['last_mean_std'], len(row['seeds']))} |"
+        f" {_pct(row['best_mean_std'], len(row['seeds']))} |"
+        f" {int(np.median(epochs))}{' (median)' if len(epochs) > 1 else ''} |"
+        f" {len(row['seeds'])} |")
   return "\n".join(lines)
+
+
+def render_reading(rows: Sequence[dict], gaps: Sequence[dict],
+                   config: ml_collections.ConfigDict) -> str:
+  """A few sentences read off the numbers (nothing else)."""
+  students = [r for r in rows if r["role"] == "student"]
+  if len(students) < 2:
+    return ""
+  ranked = sorted(students, key=lambda r: -r["last_mean_std"][0])
+  order = ", ".join(
+      f"{r['key']} {_pct(r['last_mean_std'], len(r['seeds']))}"
+      for r in ranked)
+  lines = [f"Students by last-epoch test accuracy: {order}."]
+  needs = {r["key"]: _uses_teacher(r["key"], config) for r in students}
+  free = [r for r in students if r["key"] != "baseline" and not needs[r["key"]]]
+  taught = [r for r in students if needs[r["key"]]]
+  if free and taught:
+    best_taught = max(taught, key=lambda r: r["last_mean_std"][0])
+    for row in free:
+      diff = row["last_mean_std"][0] - best_taught["last_mean_std"][0]
+      lines.append(
+          f"The teacher-free control `{row['key']}` is"
+          f" {100 * abs(diff):.2f} points {'above' if diff > 0 else 'below'}"
+          " the best student trained with the teacher"
+          f" (`{best_taught['key']}`):"
+          + (" on this data set, much of what the teacher adds can be had"
+             " from a label-derived soft target, i.e. it acts as a"
+             " regulariser." if diff > -0.002 else
+             " the teacher adds more than a label-derived soft target."))
+  winners = [g["method"] for g in gaps if g["beats_by_two_std"]]
+  losers = [g["method"] for g in gaps if g["beats_by_two_std"] is False]
+  if winners:
+    lines.append(f"More than two standard deviations above the baseline:"
+                 f" {', '.join(winners)}.")
+  if losers:
+    lines.append(f"Not more than two standard deviations above the baseline:"
+                 f" {', '.join(losers)}.")
+  return " ".join(lines)
+
+
+def _uses_teacher(method: str, config: ml_collections.ConfigDict) -> bool:
+  return methods_lib.needs_teacher(method, config)
 
 
 def render_gaps(gaps: Sequence[dict]) -> str:
@@ -207,7 +255,6 @@ def write_results(
     wall_time_s: float,
     results_dir: str | os.PathLike[str] | None,
     workdir: pathlib.Path,
-    notes: str = "",
 ) -> pathlib.Path | None:
   """Writes ``<name>.md`` and ``<name>.json`` to the workdir and the
   results directory; returns the results directory's Markdown path."""
@@ -223,7 +270,6 @@ def write_results(
       "<!-- table:end -->",
       "",
       *[s + "\n" for s in extra_sections if s],
-      *([notes, ""] if notes else []),
       f"- Command: `{command}`",
       f"- Date: {env['date']}; wall time {wall_time_s:.0f} s",
       f"- Machine: {env['machine']}; device {env['device']}",
@@ -265,14 +311,15 @@ def _train_methods(ctx, methods: Sequence[str], seeds: Sequence[int]):
     per_method = train_lib.teachers_for(ctx, seed, methods)
     teacher_sets = {id(t): t for t in per_method.values() if t is not None}
     for teachers in teacher_sets.values():
-      if teachers.model_name == config.student.model:
-        continue  # Born-again: the baseline row.
+      if teachers.born_again:
+        continue  # The baseline row.
       for index, result in enumerate(teachers.results):
         key = "teacher" if index == 0 else f"teacher_{index}"
         runs.setdefault(key, []).append(result)
       if teachers.model_name not in trained:
-        params = jax.tree.map(lambda x: x[0], teachers.variables.params)
-        state = jax.tree.map(lambda x: x[0], teachers.variables.state)
+        params, state = jax.tree.map(
+            lambda x: np.asarray(x)[0],
+            (teachers.variables.params, teachers.variables.state))
         trained[teachers.model_name] = (teachers.group.model, params, state)
     for method in methods:
       result, state = train_lib.train_student(ctx, seed, method,
@@ -283,6 +330,17 @@ def _train_methods(ctx, methods: Sequence[str], seeds: Sequence[int]):
             ctx.model(config.student.model), state.params["student"],
             state.model_state["student"])
   return runs, trained
+
+
+def _context(config, workdir, mode, context) -> train_lib.Context:
+  train_lib.validate(config, mode)
+  workdir = pathlib.Path(workdir)
+  if context is not None and (context.config is not config
+                              or context.workdir != workdir):
+    raise ValueError("`context` was made for another config or workdir.")
+  workdir.mkdir(parents=True, exist_ok=True)
+  writers.dump_json(workdir / "config.json", config.to_dict())
+  return context or train_lib.Context.create(config, workdir)
 
 
 def _student_methods(methods: Sequence[str]) -> list[str]:
@@ -296,14 +354,16 @@ def run_methods(
     mode: str,
     command: str = "",
     results_dir: str | os.PathLike[str] | None = DEFAULT_RESULTS_DIR,
+    context: train_lib.Context | None = None,
 ) -> dict[str, Any]:
-  """``--mode=pipeline`` or ``--mode=compare``; returns the table's data."""
+  """``--mode=pipeline`` or ``--mode=compare``; returns the table's data.
+
+  ``context`` (of this config and workdir) reuses the steps it has
+  compiled; by default a new one is made.
+  """
   start = time.perf_counter()
-  train_lib.validate(config, mode)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  writers.dump_json(workdir / "config.json", config.to_dict())
-  ctx = train_lib.Context.create(config, workdir)
+  ctx = _context(config, workdir, mode, context)
+  workdir = ctx.workdir
   sub = config.pipeline if mode == "pipeline" else config.compare
   methods = _student_methods(sub.methods)
   seeds = list(range(sub.seeds))
@@ -320,7 +380,7 @@ def run_methods(
       f" {data.num_train} examples; test split `{data.test_split}`),"
       f" {config.num_epochs} student epochs of {data.steps_per_epoch} steps"
       f" (batch {config.batch_size}), teacher"
-      f" {train_lib._teacher_epochs(config)} epochs;"  # pylint: disable=protected-access
+      f" {train_lib.teacher_epochs(config)} epochs;"
       f" {len(seeds)} seeds ({', '.join(map(str, seeds))}). Test accuracy is"
       " the mean ± sample standard deviation over the seeds; 'best epoch'"
       " picks each run's best epoch on the test set itself (optimistic),"
@@ -333,10 +393,12 @@ def run_methods(
     gap_text = ("Distilled students against the baseline (same seeds, same"
                 " initialisation and data order), last epoch; '2 std' uses the"
                 " larger of the two rows' standard deviations:\n\n" + gap_text)
+  reading = render_reading(rows, gaps, config)
+  notes = config.pipeline.notes if mode == "pipeline" else ""
   write_results(
       name, title=name, summary=summary,
       table=render_table(rows, config.pipeline.latency_batch_size),
-      extra_sections=[gap_text],
+      extra_sections=[gap_text, reading, notes],
       payload={"mode": mode, "rows": rows, "gaps": gaps,
                "config": config.to_dict()},
       command=command, wall_time_s=wall, results_dir=results_dir,
@@ -350,14 +412,12 @@ def run_sweep(
     *,
     command: str = "",
     results_dir: str | os.PathLike[str] | None = DEFAULT_RESULTS_DIR,
+    context: train_lib.Context | None = None,
 ) -> dict[str, Any]:
   """``--mode=sweep``: N students, one per temperature, in one vmapped run."""
   start = time.perf_counter()
-  train_lib.validate(config, "sweep")
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  writers.dump_json(workdir / "config.json", config.to_dict())
-  ctx = train_lib.Context.create(config, workdir)
+  ctx = _context(config, workdir, "sweep", context)
+  workdir = ctx.workdir
   method = config.sweep.method
   temperatures = [float(t) for t in config.sweep.temperatures]
   labels = [f"T={t:g}" for t in temperatures]
@@ -373,18 +433,17 @@ def run_sweep(
     teachers = None
   distillation = train_lib.student_distillation(ctx, method, plan)
   extra = None
-  offline = teachers is not None and train_lib._offline(ctx, plan)  # pylint: disable=protected-access
+  offline = teachers is not None and train_lib.uses_cached_logits(ctx, plan)
   sample = ctx.data.sample_batch()
   if offline:
-    extra = {"teacher_logits": train_lib._teacher_logits(  # pylint: disable=protected-access
+    extra = {"teacher_logits": train_lib.teacher_logits_on_train(
         ctx, teachers.group, teachers.variables)}
     sample["teacher_logits"] = np.zeros(
         (extra["teacher_logits"].shape[1], config.batch_size,
          extra["teacher_logits"].shape[2]), np.float32)
   states = sweep_lib.init_sweep(
       distillation, jax.random.key(seed), sample,
-      () if teachers is None else (jax.tree.map(jnp.copy,
-                                                teachers.variables),),
+      () if teachers is None else (train_lib.copy_tree(teachers.variables),),
       hparams={"temperature": temperatures})
   if ctx.mesh is not None:
     states = jax.device_put(states, sharding.replicated(ctx.mesh))
@@ -407,15 +466,15 @@ def run_sweep(
                 and np.all(np.isfinite(metrics["loss"])))
 
   run_dir = workdir / f"seed_{seed}" / f"sweep_{method}"
-  train_lib._save_config(ctx, run_dir, {  # pylint: disable=protected-access
+  train_lib.save_config(ctx, run_dir, {
       "role": "sweep", "method": method, "temperatures": temperatures,
       "offline_teacher_logits": offline, "seed": seed})
-  loop = train_lib.Loop(
+  loop = loop_lib.Loop(
       name=f"seed {seed} {method} sweep over T", run_dir=run_dir,
       step=step, batches=ctx.data.train_iterator(seed, extra=extra),
       evaluate=evaluate, num_epochs=config.num_epochs,
       batch_size=config.batch_size, finite=finite, labels=labels)
-  states, history = train_lib.run_loop(ctx, loop, states)
+  states, history = loop_lib.run_loop(ctx, loop, states)
   rows = []
   for t, label in zip(temperatures, labels):
     key = f"test/accuracy[{label}]"
@@ -425,12 +484,14 @@ def run_sweep(
                  "best_accuracy": values[best],
                  "best_epoch": history[best]["epoch"]})
   _plot_sweep(run_dir / "accuracy_vs_temperature.png", rows,
-              title=f"{config.name}: {method}, seed {seed}")
+              title=f"{config.name}: {method}, seed {seed}",
+              split=ctx.data.test_split)
   wall = time.perf_counter() - start
   name = f"{config.name}_sweep"
+  split = ctx.data.test_split
   table = "\n".join(
-      ["| temperature | test accuracy, last epoch (%) |"
-       " test accuracy, best epoch (%) | best epoch |",
+      [f"| temperature | accuracy on `{split}`, last epoch (%) |"
+       f" accuracy on `{split}`, best epoch (%) | best epoch |",
        "|---:|---:|---:|---:|"]
       + [f"| {r['temperature']:g} | {100 * r['last_accuracy']:.2f} |"
          f" {100 * r['best_accuracy']:.2f} | {r['best_epoch']} |"
@@ -443,11 +504,12 @@ def run_sweep(
       f" seed {seed}, {config.num_epochs} epochs: {len(temperatures)}"
       " students trained together by one vmapped step (`jaxkd.sweep`).")
   png = workdir / f"{name}.png"
-  _plot_sweep(png, rows, title=f"{config.name}: {method}")
+  _plot_sweep(png, rows, title=f"{config.name}: {method}",
+              split=ctx.data.test_split)
   if results_dir is not None:
     pathlib.Path(results_dir).mkdir(parents=True, exist_ok=True)
     _plot_sweep(pathlib.Path(results_dir) / f"{name}.png", rows,
-                title=f"{config.name}: {method}")
+                title=f"{config.name}: {method}", split=ctx.data.test_split)
   write_results(
       name, title=name, summary=summary, table=table,
       extra_sections=[f"![accuracy against temperature]({name}.png)"],
@@ -457,7 +519,8 @@ def run_sweep(
   return {"rows": rows, "wall_time_s": wall}
 
 
-def _plot_sweep(path: pathlib.Path, rows: Sequence[dict], *, title: str):
+def _plot_sweep(path: pathlib.Path, rows: Sequence[dict], *, title: str,
+                split: str):
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
@@ -471,7 +534,7 @@ def _plot_sweep(path: pathlib.Path, rows: Sequence[dict], *, title: str):
           marker=".", linestyle="--", label="best epoch")
   ax.set_xscale("log", base=2)
   ax.set_xlabel("temperature")
-  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylabel(f"accuracy on {split} (%)")
   ax.set_title(title, fontsize=9)
   ax.legend()
   fig.tight_layout()

@@ -9,8 +9,11 @@ student's results. The pieces are public for ``experiments/pipeline.py``:
 * :class:`Context`: the data, the models and the compiled steps shared by
   every run of one process (the N seeds of a pipeline reuse the steps
   compiled for the first);
-* :func:`train_teachers`, :func:`train_student`: one run each, in its own
-  directory, resumed exactly from its latest checkpoint if there is one;
+* :func:`preflight`: every method's step traced on abstract values, so
+  that a method that cannot run fails before anything is trained;
+* :func:`get_teachers`, :func:`train_student`: one run each, in its own
+  directory, driven by ``experiments.loop.run_loop`` (which resumes exactly
+  from the run's latest checkpoint);
 * :func:`measure_latency`.
 
 Each run directory holds ``config.json`` (the resolved config),
@@ -23,10 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import pathlib
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,7 @@ import numpy as np
 import optax
 
 from experiments import input_pipeline
+from experiments import loop as loop_lib
 from experiments import methods as methods_lib
 from experiments import model_zoo
 from experiments import writers
@@ -51,17 +54,9 @@ from jaxkd.train_step import make_eval_step
 from jaxkd.train_step import make_train_step
 from jaxkd.train_step import summarize
 
-logger = logging.getLogger(__name__)
-
 NONFINITE_MODES = ("stop", "skip")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "piecewise", "cosine")
-BEST_METRIC = "test/accuracy"
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss (or a gradient) of a step was NaN or infinite."""
-
 
 # ---------------------------------------------------------------------------
 # Checks before any data is read or anything is compiled.
@@ -125,9 +120,10 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
         f"`steps_per_epoch` must be >= 0, got {config.steps_per_epoch}.")
   if config.teacher.num_teachers < 1:
     raise ValueError("`teacher.num_teachers` must be >= 1.")
-  for key in ("seeds",):
-    if config.pipeline[key] < 1 or config.compare[key] < 1:
-      raise ValueError(f"`pipeline.{key}` and `compare.{key}` must be >= 1.")
+  for name in ("pipeline", "compare"):
+    if config[name].seeds < 1:
+      raise ValueError(
+          f"`{name}.seeds` must be >= 1, got {config[name].seeds}.")
 
 
 # ---------------------------------------------------------------------------
@@ -280,219 +276,6 @@ def _views(shift_pixels: int, extra: Views = Views()) -> Views:
 
 
 # ---------------------------------------------------------------------------
-# The loop.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Loop:
-  """One run's training loop: what it steps, feeds and evaluates.
-
-  Attributes:
-    name: The run's name (logs and errors).
-    run_dir: Its directory.
-    step: ``(state, batch) -> (state, metrics)``.
-    batches: The training batches (``None`` forever for data-free runs).
-    evaluate: ``state -> {"test/...": value}``.
-    num_epochs: Epochs to reach.
-    batch_size: Examples per step (samples/s).
-    finite: ``host metrics of one step -> bool``.
-    loss_key: The metric shown as the loss.
-    to_checkpoint, from_checkpoint: The state as a ``DistillState`` for
-      ``jaxkd.checkpoint`` and back; ``None`` disables checkpoints.
-    labels: For vmapped sweeps: one label per student, to name the entries
-      of vector metrics.
-  """
-
-  name: str
-  run_dir: pathlib.Path
-  step: Callable[[Any, Any], tuple[Any, dict]]
-  batches: Iterator[Any]
-  evaluate: Callable[[Any], dict[str, Any]]
-  num_epochs: int
-  batch_size: int
-  finite: Callable[[dict], bool]
-  loss_key: str = "loss"
-  to_checkpoint: Callable[[Any], DistillState] | None = None
-  from_checkpoint: Callable[[Any, DistillState], Any] | None = None
-  labels: Sequence[str] | None = None
-  steps_per_epoch: int | None = None  # None: the data's
-
-
-def _flatten(values: Mapping[str, Any],
-             labels: Sequence[str] | None) -> dict[str, float]:
-  """Scalars as they are; vectors as ``key[label]`` (or ``key[i]``)."""
-  out = {}
-  for key, value in values.items():
-    array = np.asarray(value, np.float64)
-    if array.ndim == 0:
-      out[key] = float(array)
-      continue
-    for i, v in enumerate(array.reshape(-1)):
-      label = labels[i] if labels and array.size == len(labels) else str(i)
-      out[f"{key}[{label}]"] = float(v)
-  return out
-
-
-def _mean_metrics(host: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-  keys = host[0].keys()
-  return {k: np.mean(np.stack([np.asarray(m[k], np.float64) for m in host]),
-                     axis=0) for k in keys}
-
-
-def _first_nonfinite(host, finite) -> int | None:
-  for i, metrics in enumerate(host):
-    if not finite(metrics):
-      return i
-  return None
-
-
-def run_loop(ctx: Context, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
-  """Trains ``state`` for ``loop.num_epochs`` epochs; returns the final state
-  and the per-epoch history. Resumes from the run's latest checkpoint."""
-  import tqdm  # pylint: disable=g-import-not-at-top
-
-  config = ctx.config
-  spe = loop.steps_per_epoch or ctx.data.steps_per_epoch
-  total = loop.num_epochs * spe
-  loop.run_dir.mkdir(parents=True, exist_ok=True)
-  log = writers.JsonlWriter(loop.run_dir / "metrics.jsonl")
-  checkpointer = None
-  start = 0
-  if loop.to_checkpoint is not None:
-    checkpointer = checkpoint_lib.Checkpointer(
-        loop.run_dir / "checkpoints", max_to_keep=config.max_checkpoints,
-        best_metric=BEST_METRIC)
-  if checkpointer is not None and checkpointer.latest_step() is not None:
-    target = loop.to_checkpoint(state)
-    restored, data_state, _ = checkpointer.restore(target)
-    state = loop.from_checkpoint(state, restored)
-    if data_state is not None and hasattr(loop.batches, "set_state"):
-      loop.batches.set_state(data_state)
-    start = int(jax.device_get(restored.step))
-    records = log.truncate_after(start)
-    logger.info("%s: resumed at step %d from %s", loop.name, start,
-                checkpointer.directory)
-  else:
-    records = log.truncate_after(-1)
-  history = [r for r in records if r.get("kind") == "epoch"]
-  if start > total:
-    raise ValueError(
-        f"{loop.name}: the checkpoint in {loop.run_dir} is at step {start},"
-        f" past this config's {total} steps; use a fresh workdir."
-    )
-  events = writers.EventWriter(loop.run_dir / "tensorboard")
-  bar = tqdm.tqdm(total=total, initial=start, desc=loop.name, unit="step",
-                  disable=not config.progress_bar, dynamic_ncols=True,
-                  mininterval=1.0, leave=False)
-  pending, epoch_host = [], []
-  skipped = sum(int(r.get("skipped", 0)) for r in records
-                if r.get("kind") == "train")
-  interval_start = time.perf_counter()
-  epoch_start = time.perf_counter()
-  train_time = sum(float(r.get("epoch_time_s", 0.0)) for r in history)
-  try:
-    for step in range(start, total):
-      batch = next(loop.batches)
-      state, metrics = loop.step(
-          state, None if batch is None else ctx.put(batch))
-      pending.append(metrics)
-      bar.update(1)
-      end_of_epoch = (step + 1) % spe == 0
-      if (step + 1) % config.log_every_steps and not end_of_epoch:
-        continue
-      host = jax.device_get(pending)
-      first = step + 1 - len(host)
-      bad = _first_nonfinite(host, loop.finite)
-      if bad is not None and config.nonfinite == "stop":
-        value = np.asarray(host[bad].get(loop.loss_key, np.nan))
-        raise NonFiniteLossError(
-            f"{loop.name}: the loss or a gradient is not finite at step"
-            f" {first + bad} (epoch {(first + bad) // spe + 1}, batch"
-            f" {(first + bad) % spe + 1} of {spe}); {loop.loss_key}={value}."
-            " The step was not applied. Lower the learning rate, or set"
-            " `nonfinite='skip'` to skip such steps."
-        )
-      n_bad = sum(not loop.finite(m) for m in host)
-      skipped += n_bad
-      now = time.perf_counter()
-      rate = len(host) * loop.batch_size / max(now - interval_start, 1e-9)
-      interval_start = now
-      means = _flatten(
-          {f"train/{k}": v for k, v in _mean_metrics(host).items()},
-          loop.labels)
-      record = {"kind": "train", "step": step + 1, **means,
-                "samples_per_s": rate, "skipped": n_bad}
-      log.write(record)
-      events.scalars(step + 1, {**means, "train/samples_per_s": rate})
-      loss = means.get(f"train/{loop.loss_key}")
-      accuracy = means.get("train/accuracy")
-      bar.set_postfix({k: v for k, v in (
-          ("loss", None if loss is None else f"{loss:.4f}"),
-          ("acc", None if accuracy is None else f"{accuracy:.3f}"),
-          ("ex/s", f"{rate:.0f}")) if v is not None}, refresh=False)
-      epoch_host.extend(host)
-      pending = []
-      if not end_of_epoch:
-        continue
-      epoch = (step + 1) // spe
-      epoch_time = time.perf_counter() - epoch_start
-      train_time += epoch_time
-      evaluation = _flatten(loop.evaluate(state), loop.labels)
-      train_means = _flatten(
-          {f"train/{k}": v for k, v in _mean_metrics(epoch_host).items()},
-          loop.labels)
-      epoch_host = []
-      record = {"kind": "epoch", "epoch": epoch, "step": step + 1,
-                **train_means, **evaluation, "epoch_time_s": epoch_time,
-                "samples_per_s": spe * loop.batch_size / max(epoch_time,
-                                                             1e-9)}
-      history.append(record)
-      log.write(record)
-      events.scalars(step + 1, evaluation)
-      if checkpointer is not None and (
-          epoch % config.checkpoint_every_epochs == 0
-          or epoch == loop.num_epochs):
-        checkpointer.save(
-            loop.to_checkpoint(state),
-            metrics={**record, "nonfinite": 0},
-            data_state=(loop.batches.get_state()
-                        if hasattr(loop.batches, "get_state") else None),
-            force=True)
-      epoch_start = time.perf_counter()
-  finally:
-    bar.close()
-    if checkpointer is not None:
-      checkpointer.close()
-  if history:
-    writers.plot_curves(loop.run_dir / "curves.png", history, title=loop.name)
-  for record in history:
-    record.setdefault("skipped_total", skipped)
-  return state, history
-
-
-def summarize_history(history: Sequence[Mapping[str, Any]],
-                      key: str = BEST_METRIC) -> dict[str, Any]:
-  """Best and last epoch of ``key`` in a run's history."""
-  if not history:
-    return {}
-  values = [float(h.get(key, np.nan)) for h in history]
-  best = int(np.nanargmax(values)) if np.any(np.isfinite(values)) else -1
-  last = history[-1]
-  return {
-      "best_accuracy": values[best] if best >= 0 else float("nan"),
-      "best_epoch": int(history[best]["epoch"]) if best >= 0 else -1,
-      "last_accuracy": values[-1],
-      "epochs": int(last["epoch"]),
-      "steps": int(last["step"]),
-      "train_time_s": float(sum(h.get("epoch_time_s", 0.0)
-                                for h in history)),
-      "skipped_steps": int(last.get("skipped_total", 0)),
-      "last": {k: v for k, v in last.items() if k.startswith("test/")},
-  }
-
-
-# ---------------------------------------------------------------------------
 # Runs of the distillation engine.
 # ---------------------------------------------------------------------------
 
@@ -526,7 +309,7 @@ def _evaluator(ctx: Context, eval_step) -> Callable[[Any], dict]:
   return evaluate
 
 
-def _save_config(ctx: Context, run_dir: pathlib.Path,
+def save_config(ctx: Context, run_dir: pathlib.Path,
                  resolved: Mapping[str, Any]) -> None:
   run_dir.mkdir(parents=True, exist_ok=True)
   writers.dump_json(run_dir / "config.json", {
@@ -535,7 +318,7 @@ def _save_config(ctx: Context, run_dir: pathlib.Path,
   })
 
 
-def _teacher_logits(ctx: Context, group: teachers_lib.TeacherGroup,
+def teacher_logits_on_train(ctx: Context, group: teachers_lib.TeacherGroup,
                     variables: teachers_lib.TeacherVariables) -> np.ndarray:
   """The teachers' logits on the in-memory training split, ``[N, K, C]``."""
   images, _ = ctx.data.train_arrays()
@@ -554,6 +337,22 @@ def _teacher_logits(ctx: Context, group: teachers_lib.TeacherGroup,
   return np.moveaxis(np.concatenate(out, axis=1), 0, 1)
 
 
+def copy_tree(tree: Any) -> Any:
+  """A copy of every array, made without compiling anything.
+
+  The train step donates its whole state, the teachers' arrays included, so
+  each run gets its own copy of them.
+  """
+  return jax.tree.map(lambda x: jax.device_put(x, may_alias=False), tree)
+
+
+def _host_map(fn: Callable[..., np.ndarray], *trees: Any) -> Any:
+  """``fn`` on the host copies of the leaves (slicing and stacking small
+  trees on the device would compile one program per leaf shape)."""
+  return jax.tree.map(
+      lambda *xs: jax.device_put(fn(*[np.asarray(x) for x in xs])), *trees)
+
+
 @dataclasses.dataclass
 class Teachers:
   """A teacher group and its stacked variables, with their runs' results."""
@@ -562,10 +361,13 @@ class Teachers:
   variables: teachers_lib.TeacherVariables
   results: list[dict]
   model_name: str
+  born_again: bool = False  # the baseline student serves as the teacher
 
   def take(self, count: int) -> Teachers:
     """The first ``count`` teachers."""
-    variables = jax.tree.map(lambda x: x[:count], self.variables)
+    if count == teachers_lib.num_stacked(self.variables.params):
+      return self
+    variables = _host_map(lambda x: x[:count], self.variables)
     return dataclasses.replace(self, variables=variables,
                                results=self.results[:count])
 
@@ -581,7 +383,7 @@ def _distillation_loop(ctx, *, name, run_dir, distillation, state, batches,
                             lambda: make_train_step(distillation))
   eval_step = eval_step or ctx.cached(("eval_step", id(distillation)),
                                       lambda: make_eval_step(distillation))
-  return Loop(
+  return loop_lib.Loop(
       name=name, run_dir=run_dir, step=step, batches=batches,
       evaluate=_evaluator(ctx, eval_step), num_epochs=num_epochs,
       batch_size=ctx.data.batch_size, finite=_finite, labels=labels,
@@ -590,16 +392,16 @@ def _distillation_loop(ctx, *, name, run_dir, distillation, state, batches,
   )
 
 
-def _teacher_epochs(config) -> int:
+def teacher_epochs(config) -> int:
   return config.teacher.num_epochs if config.teacher.num_epochs >= 0 else (
       config.num_epochs)
 
 
-def _run_result(ctx, *, role, name, method, model_name, seed, params,
+def _run_result(*, role, name, method, model_name, seed, params,
                 history) -> dict:
   return {"role": role, "run": name, "method": method, "model": model_name,
           "seed": seed, "params": model_zoo.count_params(params),
-          **summarize_history(history)}
+          **loop_lib.summarize_history(history)}
 
 
 def train_teacher(ctx: Context, seed: int, index: int,
@@ -607,7 +409,7 @@ def train_teacher(ctx: Context, seed: int, index: int,
   """Trains teacher ``index`` of ``seed`` on the labels."""
   config = ctx.config
   model_name = config.teacher.model
-  epochs = _teacher_epochs(config)
+  epochs = teacher_epochs(config)
   spe = ctx.data.steps_per_epoch
   distillation = ctx.cached(("teacher", model_name), lambda: Distillation(
       student=ctx.model(model_name),
@@ -620,19 +422,36 @@ def train_teacher(ctx: Context, seed: int, index: int,
   state = ctx.place(init_state(ctx, distillation, jax.random.key(run_seed),
                                 ctx.data.sample_batch()))
   name = f"seed {seed} teacher {index} ({model_name})"
-  _save_config(ctx, run_dir, {"role": "teacher", "seed": run_seed,
+  save_config(ctx, run_dir, {"role": "teacher", "seed": run_seed,
                               "model": model_name, "num_epochs": epochs,
                               "steps_per_epoch": spe})
   loop = _distillation_loop(
       ctx, name=name, run_dir=run_dir, distillation=distillation,
       state=state, batches=ctx.data.train_iterator(run_seed),
       num_epochs=epochs)
-  state, history = run_loop(ctx, loop, state)
-  result = _run_result(ctx, role="teacher", name=name, method="labels",
+  state, history = loop_lib.run_loop(ctx, loop, state)
+  result = _run_result(role="teacher", name=name, method="labels",
                        model_name=model_name, seed=seed,
                        params=state.params["student"], history=history)
   writers.dump_json(run_dir / "results.json", result)
   return state, result
+
+
+def evaluate_teachers(ctx: Context, group: teachers_lib.TeacherGroup,
+                      variables: teachers_lib.TeacherVariables
+                      ) -> list[float]:
+  """Each teacher's accuracy on the test split."""
+  forward = ctx.cached(("teacher_forward", id(group)), lambda: jax.jit(
+      lambda v, x: teachers_lib.apply_teachers(group, v, x).logits))
+  correct, count = 0.0, 0.0
+  for batch in ctx.data.eval_batches():
+    batch = ctx.put(batch)
+    logits = np.asarray(forward(variables, batch["image"]))
+    mask = np.asarray(batch["mask"], np.float64)
+    hits = np.argmax(logits, -1) == np.asarray(batch["label"])[None]
+    correct = correct + np.sum(hits * mask[None], axis=-1)
+    count += float(np.sum(mask))
+  return [float(c) for c in np.atleast_1d(correct / max(count, 1.0))]
 
 
 def teacher_name(seed: int) -> str:
@@ -649,11 +468,10 @@ def get_teachers(ctx: Context, seed: int, num_teachers: int) -> Teachers:
   if config.teacher.load:
     directory = config.teacher.load_dir or ctx.workdir
     variables = checkpoint_lib.load_teachers(directory, config.teacher.load)
-    first = teachers_lib.unstack_params(variables.params)[0]
-    states = (teachers_lib.unstack_params(variables.state)
-              if jax.tree.leaves(variables.state) else [{}])
+    first, first_state = _host_map(lambda x: x[0],
+                                   (variables.params, variables.state))
     model_zoo.check_input_shape(
-        group.model, ctx.data.image_shape, params=first, state=states[0],
+        group.model, ctx.data.image_shape, params=first, state=first_state,
         where=(f"Teachers {config.teacher.load!r} loaded from {directory}"
                f" on data set {ctx.data.spec.name!r}"))
     count = teachers_lib.num_stacked(variables.params)
@@ -661,9 +479,13 @@ def get_teachers(ctx: Context, seed: int, num_teachers: int) -> Teachers:
       raise ValueError(
           f"Teachers {config.teacher.load!r} hold {count} teachers; the"
           f" methods need {num_teachers}.")
+    accuracies = evaluate_teachers(ctx, group, variables)
     results = [{"role": "teacher", "run": f"loaded {config.teacher.load}",
-                "model": model_name, "seed": seed,
-                "params": model_zoo.count_params(first)}] * count
+                "method": "labels", "model": model_name, "seed": seed,
+                "params": model_zoo.count_params(first),
+                "best_accuracy": accuracy, "last_accuracy": accuracy,
+                "best_epoch": 0, "epochs": 0, "steps": 0}
+               for accuracy in accuracies]
     return Teachers(group, variables, results, model_name)
   states, results = [], []
   for index in range(num_teachers):
@@ -671,11 +493,10 @@ def get_teachers(ctx: Context, seed: int, num_teachers: int) -> Teachers:
         ctx, seed, index, ctx.workdir / f"seed_{seed}" / f"teacher_{index}")
     states.append(state)
     results.append(result)
+  stack = lambda *xs: np.stack(xs)
   variables = teachers_lib.TeacherVariables(
-      params=teachers_lib.stack_params(
-          [s.params["student"] for s in states], name="params"),
-      state=teachers_lib.stack_params(
-          [s.model_state["student"] for s in states], name="state"))
+      params=_host_map(stack, *[s.params["student"] for s in states]),
+      state=_host_map(stack, *[s.model_state["student"] for s in states]))
   checkpoint_lib.save_teachers(ctx.workdir, teacher_name(seed), variables,
                                overwrite=True)
   return Teachers(group, variables, results, model_name)
@@ -687,9 +508,10 @@ def born_again_teacher(ctx: Context, seed: int) -> Teachers:
   params, model_state = _state_pair(state)
   group = ctx.born_again_group()
   variables = teachers_lib.TeacherVariables(
-      params=jax.tree.map(lambda x: x[None], params),
-      state=jax.tree.map(lambda x: x[None], model_state))
-  return Teachers(group, variables, [result], ctx.config.student.model)
+      params=_host_map(lambda x: x[None], params),
+      state=_host_map(lambda x: x[None], model_state))
+  return Teachers(group, variables, [result], ctx.config.student.model,
+                  born_again=True)
 
 
 def student_distillation(ctx: Context, method: str,
@@ -768,7 +590,7 @@ def preflight(ctx: Context, methods: Sequence[str], *,
       ) from error
 
 
-def _offline(ctx: Context, plan: methods_lib.Plan) -> bool:
+def uses_cached_logits(ctx: Context, plan: methods_lib.Plan) -> bool:
   """Whether cached teacher logits give exactly the online step."""
   config = ctx.config
   return bool(config.offline_teacher and ctx.data.in_memory
@@ -799,9 +621,9 @@ def train_student(
     teachers = None
   distillation = student_distillation(ctx, method, plan)
   extra = None
-  offline = teachers is not None and _offline(ctx, plan)
+  offline = teachers is not None and uses_cached_logits(ctx, plan)
   if offline:
-    extra = {"teacher_logits": _teacher_logits(ctx, teachers.group,
+    extra = {"teacher_logits": teacher_logits_on_train(ctx, teachers.group,
                                                teachers.variables)}
   sample = ctx.data.sample_batch()
   if extra:
@@ -811,11 +633,10 @@ def train_student(
   # The train step donates its state, teachers included: give it a copy.
   state = init_state(
       ctx, distillation, jax.random.key(seed), sample,
-      () if teachers is None else (jax.tree.map(jnp.copy,
-                                                teachers.variables),))
+      () if teachers is None else (copy_tree(teachers.variables),))
   state = ctx.place(state)
   name = f"seed {seed} {method} ({config.student.model})"
-  _save_config(ctx, run_dir, {
+  save_config(ctx, run_dir, {
       "role": "student", "method": method, "seed": seed,
       "model": config.student.model, "steps_per_epoch": spe,
       "offline_teacher_logits": offline,
@@ -826,8 +647,8 @@ def train_student(
       ctx, name=name, run_dir=run_dir, distillation=distillation,
       state=state, batches=ctx.data.train_iterator(seed, extra=extra),
       num_epochs=config.num_epochs)
-  state, history = run_loop(ctx, loop, state)
-  result = _run_result(ctx, role="student", name=name, method=method,
+  state, history = loop_lib.run_loop(ctx, loop, state)
+  result = _run_result(role="student", name=name, method=method,
                        model_name=config.student.model, seed=seed,
                        params=state.params["student"], history=history)
   result["offline_teacher_logits"] = offline
@@ -882,7 +703,7 @@ def _train_data_free(ctx: Context, seed: int, teachers: Teachers,
   init = ctx.cached(("data_free_init", id(dfd)), lambda: jax.jit(
       dfd.init, static_argnums=2))
   state = init(jax.random.key(seed),
-               jax.tree.map(jnp.copy, teachers.variables),
+               copy_tree(teachers.variables),
                tuple(ctx.data.image_shape))
 
   def as_distill_state(s) -> DistillState:
@@ -916,18 +737,18 @@ def _train_data_free(ctx: Context, seed: int, teachers: Teachers,
       yield None
 
   name = f"seed {seed} data_free ({config.student.model})"
-  _save_config(ctx, run_dir, {"role": "student", "method": "data_free",
+  save_config(ctx, run_dir, {"role": "student", "method": "data_free",
                               "seed": seed, "model": config.student.model,
                               "steps_per_epoch": spe})
-  loop = Loop(
+  loop = loop_lib.Loop(
       name=name, run_dir=run_dir, step=lambda s, _: step(s),
       batches=batches(), evaluate=lambda s: evaluate(as_distill_state(s)),
       num_epochs=config.num_epochs, batch_size=cfg.batch_size,
       finite=finite, loss_key="student_loss",
       to_checkpoint=as_distill_state, from_checkpoint=from_distill_state,
       steps_per_epoch=spe)
-  state, history = run_loop(ctx, loop, state)
-  result = _run_result(ctx, role="student", name=name, method="data_free",
+  state, history = loop_lib.run_loop(ctx, loop, state)
+  result = _run_result(role="student", name=name, method="data_free",
                        model_name=config.student.model, seed=seed,
                        params=state.student_params, history=history)
   writers.dump_json(run_dir / "results.json", result)
@@ -957,8 +778,9 @@ def measure_latency(
   """
   forward = jax.jit(
       lambda p, s, x: model.apply(p, s, x, train=False, rng=None)[0])
-  images = jnp.zeros((batch_size,) + tuple(image_shape), jnp.float32)
-  params, model_state = jax.device_put((params, model_state))
+  images, params, model_state = jax.device_put(
+      (np.zeros((batch_size,) + tuple(image_shape), np.float32), params,
+       model_state))
   for _ in range(warmup):
     forward(params, model_state, images).block_until_ready()
   times = []
@@ -972,8 +794,7 @@ def measure_latency(
           "batch_size": int(batch_size), "repeats": int(repeats)}
 
 
-def teachers_for(ctx: Context, seed: int, methods: Sequence[str],
-                 baseline: tuple[dict, DistillState] | None = None
+def teachers_for(ctx: Context, seed: int, methods: Sequence[str]
                  ) -> dict[str, Teachers | None]:
   """The teachers each method of ``methods`` uses, built once per seed."""
   config = ctx.config
@@ -993,7 +814,6 @@ def teachers_for(ctx: Context, seed: int, methods: Sequence[str],
       out[method] = shared
     else:
       out[method] = None
-  del baseline
   return out
 
 
@@ -1010,7 +830,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   ctx = Context.create(config, workdir)
-  preflight(ctx, [config.method])
+  if methods_lib.needs_teacher(config.method, config) and not (
+      config.teacher.load):
+    # Teachers are trained first: check the student's method before that.
+    preflight(ctx, [config.method])
   writers.dump_json(workdir / "config.json", config.to_dict())
   teachers = teachers_for(ctx, config.seed, [config.method])[config.method]
   result, _ = train_student(ctx, config.seed, config.method, teachers)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import loop
 from experiments import main as main_lib
 from experiments import model_zoo
 from experiments import pipeline
@@ -73,9 +74,9 @@ def tiny(config, data_dir, **overrides):
 
 
 def test_every_config_is_tested():
-  assert CONFIGS == ["cifar100_resnet32x4_resnet8x4", "cifar100_wrn40_2_wrn16_2",
-                     "imagenet_resnet34_resnet18", "mnist5k_default",
-                     "mnist_hinton"]
+  assert CONFIGS == [
+      "cifar100_resnet32x4_resnet8x4", "cifar100_wrn40_2_wrn16_2",
+      "imagenet_resnet34_resnet18", "mnist5k_default", "mnist_hinton"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -149,14 +150,17 @@ def pipeline_run(tmp_path_factory, data_dir):
   config.data_dir = data_dir
   config.progress_bar = False
   config.pipeline.methods = ("kd",)
+  config.sweep.temperatures = (2.0, 8.0)
+  # Shared by the tests below, so that they reuse its compiled steps.
+  context = train.Context.create(config, workdir)
   out = pipeline.run_methods(config, workdir, mode="pipeline",
                              command="python -m experiments.main ...",
-                             results_dir=results_dir)
-  return config, workdir, results_dir, out
+                             results_dir=results_dir, context=context)
+  return config, workdir, results_dir, out, context
 
 
 def test_pipeline_writes_the_result_table(pipeline_run):
-  config, _, results_dir, out = pipeline_run
+  config, _, results_dir, out, _ = pipeline_run
   text = (results_dir / "mnist5k_default.md").read_text()
   assert "python -m experiments.main ..." in text
   for header in ("params", "latency", "last epoch", "best epoch", "Versions"):
@@ -174,7 +178,7 @@ def test_pipeline_writes_the_result_table(pipeline_run):
 
 
 def test_pipeline_run_directories(pipeline_run):
-  _, workdir, _, _ = pipeline_run
+  _, workdir, _, _, _ = pipeline_run
   assert json.loads((workdir / "config.json").read_text())["name"] == (
       "mnist5k_default")
   for seed in (0, 1):
@@ -199,7 +203,7 @@ def test_pipeline_run_directories(pipeline_run):
 def test_pipeline_tensorboard_events_parse(pipeline_run):
   event_accumulator = pytest.importorskip(
       "tensorboard.backend.event_processing.event_accumulator")
-  _, workdir, _, _ = pipeline_run
+  _, workdir, _, _, _ = pipeline_run
   logdir = workdir / "seed_0" / "kd" / "tensorboard"
   accumulator = event_accumulator.EventAccumulator(str(logdir))
   accumulator.Reload()
@@ -214,10 +218,10 @@ def test_crc32c_check_value():
 
 
 def test_results_readme_renders_between_markers(pipeline_run, tmp_path):
-  _, _, results_dir, _ = pipeline_run
+  _, _, results_dir, _, _ = pipeline_run
   readme = "intro\n<!-- results:start -->\nold\n<!-- results:end -->\nend\n"
   out = results_readme.render(readme, results_dir, root=results_dir.parent)
-  assert out.startswith("intro\n<!-- results:start -->\n### mnist5k_default")
+  assert out.startswith("intro\n<!-- results:start -->\n#### mnist5k_default")
   assert "| student: mlp_300 | kd" in out and out.endswith(
       "<!-- results:end -->\nend\n")
   assert "old" not in out
@@ -229,16 +233,13 @@ def test_results_readme_renders_between_markers(pipeline_run, tmp_path):
 
 def test_resume_is_exact(pipeline_run, tmp_path):
   """A run resumed from its epoch-1 checkpoint ends where the original did."""
-  config, workdir, _, _ = pipeline_run
+  _, workdir, _, _, ctx = pipeline_run
   original = workdir / "seed_0" / "kd"
-  copy = tmp_path / "seed_0" / "kd"
+  copy = tmp_path / "kd"
   shutil.copytree(original, copy)
-  shutil.copytree(workdir / "seed_0" / "teacher_0", tmp_path / "seed_0" /
-                  "teacher_0")
   shutil.rmtree(copy / "checkpoints" / "4")  # the last epoch (step 4)
-  ctx = train.Context.create(config, tmp_path)
-  teachers = train.get_teachers(ctx, 0, 1)
-  result, state = train.train_student(ctx, 0, "kd", teachers)
+  teachers = train.get_teachers(ctx, 0, 1)  # restored, not retrained
+  result, state = train.train_student(ctx, 0, "kd", teachers, run_dir=copy)
   expected = json.loads((original / "results.json").read_text())
   assert result["last_accuracy"] == expected["last_accuracy"]
   assert result["steps"] == 4
@@ -246,20 +247,40 @@ def test_resume_is_exact(pipeline_run, tmp_path):
                                   run_dir=original)[1]
   np.testing.assert_array_equal(
       jax.tree.leaves(state.params)[0], jax.tree.leaves(reference.params)[0])
-  lines = (copy / "metrics.jsonl").read_text().splitlines()
-  assert lines == (original / "metrics.jsonl").read_text().splitlines()[
-      :len(lines)] or len(lines) == len(
-          (original / "metrics.jsonl").read_text().splitlines())
+  def numbers(path):  # the metrics.jsonl records without timings
+    return [{k: v for k, v in json.loads(line).items()
+             if "time" not in k and "per_s" not in k}
+            for line in path.read_text().splitlines()]
+  assert numbers(copy / "metrics.jsonl") == numbers(original / "metrics.jsonl")
+
+
+def test_sweep_trains_one_student_per_temperature(pipeline_run, tmp_path):
+  config, workdir, _, _, context = pipeline_run
+  out = pipeline.run_sweep(config, workdir, command="sweep",
+                           results_dir=tmp_path / "results", context=context)
+  assert [r["temperature"] for r in out["rows"]] == [2.0, 8.0]
+  assert (tmp_path / "results" / "mnist5k_default_sweep.png").read_bytes()[
+      :4] == b"\x89PNG"
+  text = (tmp_path / "results" / "mnist5k_default_sweep.md").read_text()
+  assert "| 8 |" in text
+  epochs = [json.loads(line) for line in (
+      workdir / "seed_0" / "sweep_kd" / "metrics.jsonl").read_text(
+          ).splitlines() if '"epoch"' in line]
+  assert "test/accuracy[T=2]" in epochs[-1]
 
 
 # -- Bad input -----------------------------------------------------------------
 
 
 def _compiles(monkeypatch):
-  """Makes any compilation fail the test."""
+  """Makes any XLA compilation fail the test."""
+  from jax._src import compiler  # pylint: disable=g-import-not-at-top
+
   def fail(*args, **kwargs):
+    del args, kwargs
     raise AssertionError("compiled before the bad input was reported")
-  monkeypatch.setattr(jax.stages.Lowered, "compile", fail)
+  # Every jit (and every eager op's first call) compiles through here.
+  monkeypatch.setattr(compiler, "backend_compile_and_load", fail)
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -308,8 +329,8 @@ def test_unknown_key_on_the_command_line(monkeypatch):
         *overrides], monkeypatch)
     return flag_values.config
 
-  with pytest.raises(AttributeError,
-                     match='Did you mean "temperature" instead of "temprature"'):
+  message = 'Did you mean "temperature" instead of "temprature"'
+  with pytest.raises(AttributeError, match=message):
     parse("--config.kd.temprature=2")
   config = parse("--config.kd.temperature=2")
   assert config.kd.temperature == 2.0
@@ -353,6 +374,15 @@ def test_nonfinite_loss_stops_naming_the_step(data_dir, tmp_path):
                 num_epochs=2, steps_per_epoch=3,
                 **{"optimizer.learning_rate": 1e30})
   config.optimizer.name = "sgd"
-  with pytest.raises(train.NonFiniteLossError,
+  with pytest.raises(loop.NonFiniteLossError,
                      match=r"not finite at step \d+ \(epoch \d+, batch \d+"):
     train.train_and_evaluate(config, tmp_path)
+
+
+def test_nonfinite_steps_can_be_skipped(data_dir, tmp_path):
+  config = tiny(get_config("mnist5k_default"), data_dir, method="baseline",
+                num_epochs=2, steps_per_epoch=3, nonfinite="skip",
+                **{"optimizer.learning_rate": 1e30})
+  config.optimizer.name = "sgd"
+  result = train.train_and_evaluate(config, tmp_path)
+  assert result["steps"] == 6 and result["skipped_steps"] > 0

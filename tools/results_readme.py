@@ -45,16 +45,13 @@ def section(results_dir: pathlib.Path = RESULTS,
       link = path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
       link = path.as_posix()
-    lines = [f"### {title}", "", table.group(1).strip(), ""]
-    command = _field(text, "Command")
-    if command:
-      lines.append(f"Command: {command}. ")
-    when = _field(text, "Date")
-    machine = _field(text, "Machine")
-    if when or machine:
-      lines.append(f"{when}; {machine}. ".replace("; .", "."))
-    lines.append(f"Details, versions and per-seed numbers: [{link}]({link}).")
-    parts.append("\n".join(lines))
+    facts = [f"Command: {_field(text, 'Command')}",
+             _field(text, "Date"), _field(text, "Machine")]
+    facts = "; ".join(f for f in facts if f and f != "Command: ")
+    parts.append("\n".join([
+        f"#### {title}", "", table.group(1).strip(), "",
+        f"{facts}. Details, versions and per-seed numbers: [{link}]({link}).",
+    ]))
   if not parts:
     return "No results yet: run a pipeline (see experiments/configs)."
   return "\n\n".join(parts)
@@ -80,7 +77,11 @@ def render(readme: str, results_dir: pathlib.Path = RESULTS,
 
 def main(argv: list[str]) -> int:
   text = README.read_text()
-  updated = render(text)
+  try:
+    updated = render(text)
+  except ValueError as error:
+    print(error)
+    return 2
   if "--check" in argv:
     if updated != text:
       print("README.md's results section is out of date:"

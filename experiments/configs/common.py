@@ -205,6 +205,7 @@ def base_config() -> ml_collections.ConfigDict:
       methods=("kd",),
       latency_batch_size=256,
       latency_repeats=20,
+      notes="",                   # provenance of the settings, for the results
   ))
   config.sweep = ml_collections.ConfigDict(dict(
       method="kd",

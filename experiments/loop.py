@@ -1,0 +1,253 @@
+"""The training loop of every run: steps, logs, evaluation, checkpoints.
+
+:func:`run_loop` drives a :class:`Loop` (what to step, feed and evaluate)
+for a number of epochs. It resumes from the run's latest Orbax checkpoint
+(state and input position) and cuts ``metrics.jsonl`` back to it, so a
+resumed run continues exactly; it checks every step's loss for NaN and
+infinities (``config.nonfinite``: stop naming the step, or skip); and it
+writes the run's logs: a tqdm progress bar (loss, accuracy, samples/s,
+ETA), ``metrics.jsonl``, TensorBoard events and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from experiments import writers
+from jaxkd import checkpoint as checkpoint_lib
+from jaxkd.state import DistillState
+
+logger = logging.getLogger(__name__)
+
+BEST_METRIC = "test/accuracy"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss (or a gradient) of a step was NaN or infinite."""
+
+
+
+
+@dataclasses.dataclass
+class Loop:
+  """One run's training loop: what it steps, feeds and evaluates.
+
+  Attributes:
+    name: The run's name (logs and errors).
+    run_dir: Its directory.
+    step: ``(state, batch) -> (state, metrics)``.
+    batches: The training batches (``None`` forever for data-free runs).
+    evaluate: ``state -> {"test/...": value}``.
+    num_epochs: Epochs to reach.
+    batch_size: Examples per step (samples/s).
+    finite: ``host metrics of one step -> bool``.
+    loss_key: The metric shown as the loss.
+    to_checkpoint, from_checkpoint: The state as a ``DistillState`` for
+      ``jaxkd.checkpoint`` and back; ``None`` disables checkpoints.
+    labels: For vmapped sweeps: one label per student, to name the entries
+      of vector metrics.
+  """
+
+  name: str
+  run_dir: pathlib.Path
+  step: Callable[[Any, Any], tuple[Any, dict]]
+  batches: Iterator[Any]
+  evaluate: Callable[[Any], dict[str, Any]]
+  num_epochs: int
+  batch_size: int
+  finite: Callable[[dict], bool]
+  loss_key: str = "loss"
+  to_checkpoint: Callable[[Any], DistillState] | None = None
+  from_checkpoint: Callable[[Any, DistillState], Any] | None = None
+  labels: Sequence[str] | None = None
+  steps_per_epoch: int | None = None  # None: the data's
+
+
+def _flatten(values: Mapping[str, Any],
+             labels: Sequence[str] | None) -> dict[str, float]:
+  """Scalars as they are; vectors as ``key[label]`` (or ``key[i]``)."""
+  out = {}
+  for key, value in values.items():
+    array = np.asarray(value, np.float64)
+    if array.ndim == 0:
+      out[key] = float(array)
+      continue
+    for i, v in enumerate(array.reshape(-1)):
+      label = labels[i] if labels and array.size == len(labels) else str(i)
+      out[f"{key}[{label}]"] = float(v)
+  return out
+
+
+def _mean_metrics(host: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  keys = host[0].keys()
+  return {k: np.mean(np.stack([np.asarray(m[k], np.float64) for m in host]),
+                     axis=0) for k in keys}
+
+
+def _first_nonfinite(host, finite) -> int | None:
+  for i, metrics in enumerate(host):
+    if not finite(metrics):
+      return i
+  return None
+
+
+def run_loop(ctx: Any, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
+  """Trains ``state`` for ``loop.num_epochs`` epochs.
+
+  Args:
+    ctx: The run's ``experiments.train.Context`` (config, data, placement).
+    loop: What to step, feed and evaluate.
+    state: The freshly initialised state (the restore target).
+
+  Returns:
+    The final state and the per-epoch history (``metrics.jsonl``'s epoch
+    records).
+
+  Raises:
+    NonFiniteLossError: With ``config.nonfinite == "stop"``.
+  """
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  config = ctx.config
+  spe = loop.steps_per_epoch or ctx.data.steps_per_epoch
+  total = loop.num_epochs * spe
+  loop.run_dir.mkdir(parents=True, exist_ok=True)
+  log = writers.JsonlWriter(loop.run_dir / "metrics.jsonl")
+  checkpointer = None
+  start = 0
+  if loop.to_checkpoint is not None:
+    checkpointer = checkpoint_lib.Checkpointer(
+        loop.run_dir / "checkpoints", max_to_keep=config.max_checkpoints,
+        best_metric=BEST_METRIC)
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    target = loop.to_checkpoint(state)
+    restored, data_state, _ = checkpointer.restore(target)
+    state = loop.from_checkpoint(state, restored)
+    if data_state is not None and hasattr(loop.batches, "set_state"):
+      loop.batches.set_state(data_state)
+    start = int(jax.device_get(restored.step))
+    records = log.truncate_after(start)
+    logger.info("%s: resumed at step %d from %s", loop.name, start,
+                checkpointer.directory)
+  else:
+    records = log.truncate_after(-1)
+  history = [r for r in records if r.get("kind") == "epoch"]
+  if start > total:
+    raise ValueError(
+        f"{loop.name}: the checkpoint in {loop.run_dir} is at step {start},"
+        f" past this config's {total} steps; use a fresh workdir."
+    )
+  events = (writers.EventWriter(loop.run_dir / "tensorboard")
+            if start < total else None)
+  bar = tqdm.tqdm(total=total, initial=start, desc=loop.name, unit="step",
+                  disable=not config.progress_bar, dynamic_ncols=True,
+                  mininterval=1.0, leave=False)
+  pending, epoch_host = [], []
+  skipped = sum(int(r.get("skipped", 0)) for r in records
+                if r.get("kind") == "train")
+  interval_start = time.perf_counter()
+  epoch_start = time.perf_counter()
+  try:
+    for step in range(start, total):
+      batch = next(loop.batches)
+      state, metrics = loop.step(
+          state, None if batch is None else ctx.put(batch))
+      pending.append(metrics)
+      bar.update(1)
+      end_of_epoch = (step + 1) % spe == 0
+      if (step + 1) % config.log_every_steps and not end_of_epoch:
+        continue
+      host = jax.device_get(pending)
+      first = step + 1 - len(host)
+      bad = _first_nonfinite(host, loop.finite)
+      if bad is not None and config.nonfinite == "stop":
+        value = np.asarray(host[bad].get(loop.loss_key, np.nan))
+        raise NonFiniteLossError(
+            f"{loop.name}: the loss or a gradient is not finite at step"
+            f" {first + bad} (epoch {(first + bad) // spe + 1}, batch"
+            f" {(first + bad) % spe + 1} of {spe}); {loop.loss_key}={value}."
+            " The step was not applied. Lower the learning rate, or set"
+            " `nonfinite='skip'` to skip such steps."
+        )
+      n_bad = sum(not loop.finite(m) for m in host)
+      skipped += n_bad
+      now = time.perf_counter()
+      rate = len(host) * loop.batch_size / max(now - interval_start, 1e-9)
+      interval_start = now
+      means = _flatten(
+          {f"train/{k}": v for k, v in _mean_metrics(host).items()},
+          loop.labels)
+      record = {"kind": "train", "step": step + 1, **means,
+                "samples_per_s": rate, "skipped": n_bad}
+      log.write(record)
+      events.scalars(step + 1, {**means, "train/samples_per_s": rate})
+      loss = means.get(f"train/{loop.loss_key}")
+      accuracy = means.get("train/accuracy")
+      bar.set_postfix({k: v for k, v in (
+          ("loss", None if loss is None else f"{loss:.4f}"),
+          ("acc", None if accuracy is None else f"{accuracy:.3f}"),
+          ("ex/s", f"{rate:.0f}")) if v is not None}, refresh=False)
+      epoch_host.extend(host)
+      pending = []
+      if not end_of_epoch:
+        continue
+      epoch = (step + 1) // spe
+      epoch_time = time.perf_counter() - epoch_start
+      evaluation = _flatten(loop.evaluate(state), loop.labels)
+      train_means = _flatten(
+          {f"train/{k}": v for k, v in _mean_metrics(epoch_host).items()},
+          loop.labels)
+      epoch_host = []
+      record = {"kind": "epoch", "epoch": epoch, "step": step + 1,
+                **train_means, **evaluation, "epoch_time_s": epoch_time,
+                "samples_per_s": spe * loop.batch_size / max(epoch_time,
+                                                             1e-9),
+                "skipped_total": skipped}
+      history.append(record)
+      log.write(record)
+      events.scalars(step + 1, evaluation)
+      if checkpointer is not None and (
+          epoch % config.checkpoint_every_epochs == 0
+          or epoch == loop.num_epochs):
+        checkpointer.save(
+            loop.to_checkpoint(state),
+            metrics={**record, "nonfinite": 0},
+            data_state=(loop.batches.get_state()
+                        if hasattr(loop.batches, "get_state") else None),
+            force=True)
+      epoch_start = time.perf_counter()
+  finally:
+    bar.close()
+    if checkpointer is not None:
+      checkpointer.close()
+  if history:
+    writers.plot_curves(loop.run_dir / "curves.png", history, title=loop.name)
+  return state, history
+
+
+def summarize_history(history: Sequence[Mapping[str, Any]],
+                      key: str = BEST_METRIC) -> dict[str, Any]:
+  """Best and last epoch of ``key`` in a run's history."""
+  if not history:
+    return {}
+  values = [float(h.get(key, np.nan)) for h in history]
+  best = int(np.nanargmax(values)) if np.any(np.isfinite(values)) else -1
+  last = history[-1]
+  return {
+      "best_accuracy": values[best] if best >= 0 else float("nan"),
+      "best_epoch": int(history[best]["epoch"]) if best >= 0 else -1,
+      "last_accuracy": values[-1],
+      "epochs": int(last["epoch"]),
+      "steps": int(last["step"]),
+      "train_time_s": float(sum(h.get("epoch_time_s", 0.0)
+                                for h in history)),
+      "skipped_steps": int(last.get("skipped_total", 0)),
+      "last": {k: v for k, v in last.items() if k.startswith("test/")},
+  }
