@@ -243,6 +243,16 @@ def render_gaps(gaps: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
+def _reading_block(sections: Sequence[str]) -> list[str]:
+  """The sections after the table, between markers that
+  ``tools/results_readme.py`` copies into the README."""
+  sections = [s for s in sections if s]
+  if not sections:
+    return []
+  return ["<!-- reading:start -->", "\n\n".join(sections),
+          "<!-- reading:end -->", ""]
+
+
 def write_results(
     name: str,
     *,
@@ -269,7 +279,7 @@ def write_results(
       table,
       "<!-- table:end -->",
       "",
-      *[s + "\n" for s in extra_sections if s],
+      *_reading_block(extra_sections),
       f"- Command: `{command}`",
       f"- Date: {env['date']}; wall time {wall_time_s:.0f} s",
       f"- Machine: {env['machine']}; device {env['device']}",

@@ -225,10 +225,26 @@ def test_results_readme_renders_between_markers(pipeline_run, tmp_path):
   assert "| student: mlp_300 | kd" in out and out.endswith(
       "<!-- results:end -->\nend\n")
   assert "old" not in out
+  # The gaps table and the reading follow the result table.
+  assert "| kd | " in out and "Students by last-epoch test accuracy" in out
   assert results_readme.render(out, results_dir, results_dir.parent) == out
+  del tmp_path
+
+
+def test_results_readme_links_are_relative_to_the_readme(tmp_path):
+  results_dir = tmp_path / "experiments" / "results"
+  results_dir.mkdir(parents=True)
+  (results_dir / "a_sweep.md").write_text(
+      "# a_sweep\n\n<!-- table:start -->\n| t |\n|---|\n| 1 |\n"
+      "<!-- table:end -->\n\n<!-- reading:start -->\n"
+      "![plot](a_sweep.png) [web](https://x.org/p) [top](#results)\n"
+      "<!-- reading:end -->\n\n- Command: `run`\n")
+  text = results_readme.section(results_dir, root=tmp_path)
+  assert "![plot](experiments/results/a_sweep.png)" in text
+  assert "[web](https://x.org/p)" in text and "[top](#results)" in text
+  assert "Command: `run`" in text
   with pytest.raises(ValueError, match="results:start"):
     results_readme.render("no markers", results_dir)
-  del tmp_path
 
 
 def test_resume_is_exact(pipeline_run, tmp_path):

@@ -32,3 +32,17 @@ def test_ci_runs_the_readme_test_command():
   ci = (ROOT / ".ci" / "run").read_text()
   assert f"python -m {install}" in ci
   assert run in ci
+
+
+def test_main_command_produced_the_committed_results():
+  commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
+  main_job = commands[0]
+  assert "pip install -e . &&" in main_job
+  command = main_job.split(" && ")[-1]
+  config = re.search(r"--config=(\S+?\.py)", command).group(1)
+  assert (ROOT / config).is_file()
+  name = pathlib.Path(config).stem
+  results = (ROOT / "experiments" / "results" / f"{name}.md").read_text()
+  assert f"- Command: `{command}`" in results, (
+      f"experiments/results/{name}.md was not made by the README's main"
+      " command: run it again.")

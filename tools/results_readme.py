@@ -7,7 +7,9 @@ Every results file written by ``experiments/pipeline.py`` (pipeline,
 compare and sweep modes) becomes one subsection between
 ``<!-- results:start -->`` and ``<!-- results:end -->``: its title, its
 result table (the lines between ``<!-- table:start -->`` and
-``<!-- table:end -->``), the command, date and machine it was produced with,
+``<!-- table:end -->``), what was read off it (between
+``<!-- reading:start -->`` and ``<!-- reading:end -->``, links made relative
+to the README), the command, date and machine it was produced with,
 and a link to the full file. Files are taken in name order.
 """
 
@@ -24,6 +26,9 @@ README = ROOT / "README.md"
 RESULTS = ROOT / "experiments" / "results"
 
 _TABLE = re.compile(r"<!-- table:start -->\n(.*?)\n<!-- table:end -->", re.S)
+_READING = re.compile(
+    r"<!-- reading:start -->\n(.*?)\n<!-- reading:end -->", re.S)
+_LOCAL_LINK = re.compile(r"\]\((?![a-z]+:|/|#)([^)]+)\)")
 
 
 def _field(text: str, name: str) -> str:
@@ -48,8 +53,15 @@ def section(results_dir: pathlib.Path = RESULTS,
     facts = [f"Command: {_field(text, 'Command')}",
              _field(text, "Date"), _field(text, "Machine")]
     facts = "; ".join(f for f in facts if f and f != "Command: ")
+    reading = _READING.search(text)
+    if reading is not None:
+      # Links in a results file are relative to it; the README is at root.
+      folder = link.rsplit("/", 1)[0] + "/" if "/" in link else ""
+      reading = _LOCAL_LINK.sub(
+          lambda m: f"]({folder}{m.group(1)})", reading.group(1).strip())
     parts.append("\n".join([
         f"#### {title}", "", table.group(1).strip(), "",
+        *([reading, ""] if reading else []),
         f"{facts}. Details, versions and per-seed numbers: [{link}]({link}).",
     ]))
   if not parts:

@@ -7,7 +7,8 @@ beta 8, T 4, 20-epoch warm-up).
 
 Published top-1 (%): teacher 75.61, student 73.26, KD 74.92, FitNet 73.58,
 AT 74.08, SP 73.83, RKD 73.35, PKT 74.54, CRD 75.48 (Tian et al., ICLR 2020,
-Table 1); DKD 76.24 (Zhao et al., CVPR 2022, Table 1).
+Table 1, as listed in RepDistiller's README); DKD 76.23 (Zhao et al., CVPR
+2022, as listed in mdistiller's README).
 
   python -m experiments.main \
       --config=experiments/configs/cifar100_wrn40_2_wrn16_2.py \
