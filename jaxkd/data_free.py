@@ -61,6 +61,7 @@ import optax
 
 from jaxkd import losses
 from jaxkd import objective
+from jaxkd import state as state_lib
 from jaxkd import teachers as teachers_lib
 from jaxkd.models._contract import Model
 
@@ -544,7 +545,7 @@ class DataFreeDistillation:
         student_state=student_state,
         student_opt_state=self.student_optimizer.init(student_params),
         rng=jax.random.key_data(rng_key),
-        teachers=teacher_variables,
+        teachers=state_lib.own_copy(teacher_variables),
     )
     student_logits = jax.eval_shape(
         lambda s: self.student.apply(

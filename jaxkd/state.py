@@ -25,7 +25,9 @@ class DistillState(struct.PyTreeNode):
       ``fold_in(rng, s)``, so a resumed run draws the same numbers.
     teachers: One ``jaxkd.teachers.TeacherVariables`` per teacher group.
       Never passed to the optimiser, never differentiated, and left out of
-      the student's checkpoints.
+      the student's checkpoints. The state holds its own copy (see
+      :func:`own_copy`): the train step donates the state, and the
+      arrays a caller passed in stay valid.
     hparams: Named float32 scalars read by ``objective.Hyper`` terms
       (weights, temperatures) that vary without recompiling.
   """
@@ -45,3 +47,17 @@ class DistillState(struct.PyTreeNode):
   @property
   def student_state(self) -> PyTree:
     return self.model_state["student"]
+
+
+def own_copy(tree: PyTree) -> PyTree:
+  """``tree`` with every ``jax.Array`` leaf copied on its own devices.
+
+  Train steps donate their state, so an array put into a state is consumed
+  by the first step. States copy the teacher arrays they are given so that
+  the caller's arrays survive (to evaluate the teacher, to build another
+  state); the copy keeps each array's sharding. Other leaves (NumPy arrays,
+  Python scalars) are transferred afresh by every call and are kept as
+  they are.
+  """
+  return jax.tree.map(
+      lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)

@@ -96,7 +96,7 @@ def init_sweep(
   stacked = teachers_lib.stack_params(
       [s.replace(teachers=()) for s in states], name="sweep states"
   )
-  return stacked.replace(teachers=tuple(teacher_variables))
+  return stacked.replace(teachers=states[0].teachers)
 
 
 def sweep_size(states: DistillState) -> int:

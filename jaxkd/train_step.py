@@ -31,6 +31,7 @@ from jaxkd import losses
 from jaxkd import objective as objective_lib
 from jaxkd import teachers as teachers_lib
 from jaxkd.models import Model
+from jaxkd import state as state_lib
 from jaxkd.state import DistillState
 
 PyTree = Any
@@ -311,7 +312,7 @@ class Distillation:
         model_state={"student": student_state, "terms": {}},
         opt_state=None,
         rng=jax.random.key_data(rng_key),
-        teachers=tuple(teacher_variables),
+        teachers=state_lib.own_copy(tuple(teacher_variables)),
         hparams={
             name: jnp.asarray(value, jnp.float32)
             for name, value in (hparams or {}).items()
