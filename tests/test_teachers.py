@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -301,6 +302,32 @@ def test_strategies_match_python_loop(strategy):
   assert out.features["stage1"].shape == (3, *IMAGE_SHAPE[:3], 4)
   helpers.assert_close(out.logits, logits, rtol=RTOL, atol=ATOL)
   helpers.assert_close(out.features, features, rtol=RTOL, atol=ATOL)
+
+
+def _convolutions(hlo_text):
+  """(output features, feature_group_count) of each StableHLO convolution."""
+  found = []
+  for line in hlo_text.splitlines():
+    if "stablehlo.convolution" not in line:
+      continue
+    groups = int(re.search(r"feature_group_count = (\d+)", line).group(1))
+    out_features = int(re.search(r"-> tensor<(?:\d+x)+?(\d+)xf32>", line)
+                       .group(1))
+    found.append((out_features, groups))
+  return found
+
+
+def test_vmapped_teachers_share_one_convolution_over_a_shared_input():
+  """K teachers on one input: the first convolution is one convolution with
+  K x the output channels (JAX's batching rule when only the kernel is
+  batched), not a grouped one; on per-teacher inputs it is grouped."""
+  group, variables = _cnn_group()
+  shared = _apply.lower(group, variables, X, strategy="vmap").as_text()
+  assert _convolutions(shared) == [(3 * 4, 1)]
+  xs = jnp.stack([X] * 3)
+  separate = _apply.lower(group, variables, xs, strategy="vmap",
+                          per_teacher_inputs=True).as_text()
+  assert _convolutions(separate) == [(3 * 4, 3)]
 
 
 def test_group_call_matches_python_loop():
