@@ -84,7 +84,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------
 
 
-def _torch_setup(args, teacher_name, student_name, batch_size, dtype_name,
+def torch_step_setup(args, teacher_name, student_name, batch_size, dtype_name,
                  offline):
   """A PyTorch step closure (blocking: CPU eager runs synchronously)."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -188,12 +188,12 @@ def measure_config(args, teacher_name, student_name, batch_size, dtype_name):
       args, teacher_name, student_name, batch_size, dtype_name
   )
   runs: dict[str, Any] = {name: s.run for name, s in jax_setups.items()}
-  torch_online, torch_counts = _torch_setup(
+  torch_online, torch_counts = torch_step_setup(
       args, teacher_name, student_name, batch_size, dtype_name, offline=False
   )
   runs["PyTorch online"] = torch_online
   if args.offline:
-    runs["PyTorch offline"], _ = _torch_setup(
+    runs["PyTorch offline"], _ = torch_step_setup(
         args, teacher_name, student_name, batch_size, dtype_name, offline=True
     )
   if jax_counts != torch_counts:

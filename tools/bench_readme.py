@@ -20,7 +20,7 @@ END = "<!-- bench:end -->"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ("throughput", "torch_reference", "flops", "scaling")
+ORDER = ("throughput", "torch_reference", "profile", "flops", "scaling")
 
 
 def _sort_key(path: pathlib.Path) -> tuple[int, str]:

@@ -1,0 +1,365 @@
+"""Where one step's time goes: jaxkd's XLA ops next to PyTorch's operators.
+
+  python -m benchmarks.profile                     # resnet32x4 -> resnet8x4, B=64
+  python -m benchmarks.profile --teacher resnet110 --student resnet32 \\
+      --batch_size 128
+
+For the distillation step with the teacher in it ("online") and with cached
+teacher logits ("offline", the student step alone), both written as in
+``benchmarks/torch_reference.py``, it records a few steps under each
+framework's profiler and adds up the time per kind of operation:
+
+* jaxkd: ``jax.profiler`` trace events of the compiled step, one per HLO
+  instruction, grouped by what the instruction (or the fusion it calls)
+  contains: convolution, dot, transpose or layout copy, reduction, or
+  elementwise work (BatchNorm normalisation, ReLU, the optimiser update).
+  XLA:CPU runs each fused loop on its intra-op threads, so these are
+  *thread* milliseconds; it runs most convolutions as asynchronous Eigen
+  tasks whose trace events cover only their dispatch, so their time shows up
+  in the row "not covered by a synchronous op" (cores x wall time minus
+  the rows above: asynchronous convolutions and idle cores).
+* PyTorch: ``torch.profiler`` self CPU time per ATen operator, grouped into
+  convolution (forward and backward), BatchNorm, ReLU, copies and layout,
+  the optimiser, and the rest. Operators run on the calling thread with
+  intra-op parallelism inside, so these are wall milliseconds; what the
+  operators leave of the wall time is Python and the autograd engine.
+
+Wall time per step is measured without a profiler, as in the other
+benchmarks (median of ``--steps`` calls after ``--warmup``). PyTorch is
+optional (``--no_torch``, or the ``bench`` extra not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import sys
+import tempfile
+from typing import Any, Sequence
+
+from benchmarks import _common
+
+import jax  # pylint: disable=g-bad-import-order
+from jaxkd import models  # pylint: disable=g-bad-import-order
+
+NAME = "profile"
+PROGRAMS = ("online", "offline")
+JAX_CATEGORIES = (
+    "convolution (synchronous part)",
+    "matrix product",
+    "transpose / layout copy",
+    "reduction (BatchNorm statistics, losses)",
+    "elementwise (BatchNorm, ReLU, optimiser)",
+    "other",
+)
+UNCOVERED = "not covered by a synchronous op (asynchronous convolutions, idle)"
+OUTSIDE_ATEN = "outside ATen operators (Python, autograd engine)"
+TORCH_CATEGORIES = (
+    ("convolution forward and backward", ("conv",)),
+    ("BatchNorm forward and backward", ("batch_norm",)),
+    ("ReLU forward and backward", ("relu", "threshold")),
+    ("copies and layout", ("copy", "contiguous", "clone", "reorder",
+                           "to_dense", "permute", "transpose")),
+    ("optimiser", ("foreach", "sgd", "optimizer")),
+    ("linear layer", ("addmm", "linear", "matmul", "::mm")),
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m benchmarks.profile", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument("--student", default="resnet8x4",
+                      choices=models.available())
+  parser.add_argument("--teacher", default="resnet32x4",
+                      choices=models.available())
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--no_torch", dest="torch", action="store_false",
+                      help="Profile jaxkd only.")
+  parser.add_argument("--top", type=int, default=8,
+                      help="How many of jaxkd's costliest ops to list.")
+  _common.add_common_flags(parser, steps=5, rounds=1)
+  return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------
+# jaxkd: XLA ops.
+# ---------------------------------------------------------------------------
+
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%(\S+) = (\S+(?: \S+)*?) ([a-z][a-z0-9-]*)\((.*)$"
+)
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) ")
+_CALLS = re.compile(r"(?:calls|to_apply)=%([\w.-]+)")
+_CONTROL_FLOW = ("while", "call", "conditional", "async-start", "async-done")
+
+
+def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Maps each HLO instruction to (category, result shape).
+
+  Control flow (while, call, conditional) is left out: the ops of its body
+  have trace events of their own. A fusion is classified by the opcodes of the computation it
+  calls, transitively: a convolution anywhere makes it a convolution, then a
+  dot, then a transpose or a copy, then a reduce; the rest is elementwise.
+  """
+  opcodes: dict[str, set[str]] = collections.defaultdict(set)
+  calls: dict[str, list[str]] = collections.defaultdict(list)
+  instructions: dict[str, tuple[str, str, list[str]]] = {}
+  computation = ""
+  for line in hlo_text.splitlines():
+    if not line.startswith(" "):
+      match = _COMPUTATION.match(line)
+      if match:
+        computation = match.group(1)
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, shape, opcode, rest = match.groups()
+    called = _CALLS.findall(rest)
+    opcodes[computation].add(opcode)
+    calls[computation].extend(called)
+    instructions[name] = (shape, opcode, called)
+
+  def contents(comp: str, seen: set[str]) -> set[str]:
+    if comp in seen:
+      return set()
+    seen.add(comp)
+    found = set(opcodes[comp])
+    for callee in calls[comp]:
+      found |= contents(callee, seen)
+    return found
+
+  categories = {}
+  for name, (shape, opcode, called) in instructions.items():
+    if opcode in _CONTROL_FLOW:
+      continue  # Its body's ops have trace events of their own.
+    inside = {opcode}
+    for callee in called:
+      inside |= contents(callee, set())
+    if "convolution" in inside:
+      category = JAX_CATEGORIES[0]
+    elif "dot" in inside:
+      category = JAX_CATEGORIES[1]
+    elif inside & {"transpose", "copy"}:
+      category = JAX_CATEGORIES[2]
+    elif inside & {"reduce", "reduce-window"}:
+      category = JAX_CATEGORIES[3]
+    elif opcode in ("fusion", "custom-call") or len(inside) > 1 or opcode in (
+        "add", "multiply", "subtract", "divide", "maximum", "select",
+        "broadcast", "convert", "compare", "exponential", "log"):
+      category = JAX_CATEGORIES[4]
+    else:
+      category = JAX_CATEGORIES[5]
+    categories[name] = (category, shape.split("{")[0])
+  return categories
+
+
+def trace_events(trace_dir: pathlib.Path, module: str) -> list[dict]:
+  """The complete ('X') events of HLO module ``module`` in a jax trace."""
+  (path,) = sorted(trace_dir.glob("**/*.trace.json.gz"))[-1:]
+  with gzip.open(path, "rt", encoding="utf-8") as f:
+    events = json.load(f)["traceEvents"]
+  return [e for e in events if e.get("ph") == "X"
+          and e.get("args", {}).get("hlo_module") == module
+          and "hlo_op" in e.get("args", {})]
+
+
+def profile_jax(setup: _common.Compiled, *, steps: int, warmup: int,
+                top: int) -> dict[str, Any]:
+  """Thread-ms per step and category of one compiled jaxkd step."""
+  timing = _common.time_calls(setup.run, steps=steps, warmup=warmup)
+  hlo = setup.compiled.as_text()
+  module = re.match(r"HloModule (\S+?),", hlo).group(1)
+  categories = hlo_categories(hlo)
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    try:
+      for _ in range(steps):
+        setup.run()
+    finally:
+      jax.profiler.stop_trace()
+    events = trace_events(pathlib.Path(tmp), module)
+  if not events:
+    raise RuntimeError(
+        f"The trace has no events of module {module!r}: this jaxlib's"
+        " profiler does not record XLA ops on this backend."
+    )
+  # Cores, not threads, bound the work per second: on a machine with fewer
+  # cores than XLA threads (the client's and the intra-op pool's), the
+  # capacity of one step is cores x wall.
+  threads = min(len({e["tid"] for e in events}), os.cpu_count() or 1)
+  per_op: collections.Counter[str] = collections.Counter()
+  for e in events:
+    per_op[e["args"]["hlo_op"]] += e["dur"] / 1e3 / steps  # ms per step
+  per_category = {c: 0.0 for c in JAX_CATEGORIES}
+  for op, ms in per_op.items():
+    if op in categories:  # Control flow and unknown names are left out.
+      per_category[categories[op][0]] += ms
+  wall_ms = timing.median_s * 1e3
+  per_category[UNCOVERED] = max(
+      threads * wall_ms - sum(per_category.values()), 0.0)
+  costliest = [
+      {"op": op, "ms": ms, "category": categories[op][0],
+       "shape": categories[op][1]}
+      for op, ms in per_op.most_common() if op in categories
+  ][:top]
+  return {"wall_ms": wall_ms, "threads": threads,
+          "thread_ms": per_category, "costliest": costliest}
+
+
+# ---------------------------------------------------------------------------
+# PyTorch: ATen operators.
+# ---------------------------------------------------------------------------
+
+
+def torch_category(op_name: str) -> str:
+  name = op_name.lower()
+  for category, keys in TORCH_CATEGORIES:
+    if any(k in name for k in keys):
+      return category
+  return "loss, autograd and the rest"
+
+
+def profile_torch(step, *, steps: int, warmup: int) -> dict[str, Any]:
+  """Self CPU ms per step and category of one PyTorch step."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  timing = _common.time_calls(step, steps=steps, warmup=warmup)
+  with torch.profiler.profile(
+      activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(steps):
+      step()
+  per_category = {c: 0.0 for c, _ in TORCH_CATEGORIES}
+  per_category["loss, autograd and the rest"] = 0.0
+  per_op = {}
+  for event in prof.key_averages():
+    ms = event.self_cpu_time_total / 1e3 / steps
+    per_category[torch_category(event.key)] += ms
+    per_op[event.key] = ms
+  wall_ms = timing.median_s * 1e3
+  per_category[OUTSIDE_ATEN] = max(wall_ms - sum(per_category.values()), 0.0)
+  costliest = sorted(per_op.items(), key=lambda kv: -kv[1])[:8]
+  return {"wall_ms": wall_ms, "ms": per_category,
+          "costliest": [{"op": k, "ms": v} for k, v in costliest]}
+
+
+# ---------------------------------------------------------------------------
+# Driver.
+# ---------------------------------------------------------------------------
+
+
+def _jax_setup(args, program: str) -> _common.Compiled:
+  student = models.create(args.student, num_classes=args.num_classes)
+  batch = _common.make_batch(args.batch_size, args.image_size,
+                             args.num_classes)
+  if program == "offline":
+    return _common.train_step_setup(student, batch, offline_k=1,
+                                    num_classes=args.num_classes)
+  teacher = _common.make_teachers(
+      args.teacher, 1, num_classes=args.num_classes,
+      image_size=args.image_size)
+  return _common.train_step_setup(
+      student, batch, teacher_groups=[teacher.group("auto")],
+      num_classes=args.num_classes)
+
+
+def _share(ms: float, total: float) -> str:
+  return f"{ms:.1f} ({100 * ms / total:.0f} %)" if total > 0 else f"{ms:.1f}"
+
+
+def markdown(args, results: dict[str, Any]) -> list[tuple[str, str]]:
+  sections = []
+  for program in PROGRAMS:
+    jax_result = results["jaxkd"][program]
+    total = jax_result["threads"] * jax_result["wall_ms"]
+    rows = [(c, _share(ms, total))
+            for c, ms in jax_result["thread_ms"].items()]
+    rows.append(("**wall time per step (ms)**",
+                 f"**{jax_result['wall_ms']:.1f}**"))
+    what = ("distillation step, teacher in the step" if program == "online"
+            else "student step on cached teacher logits")
+    sections.append((
+        f"jaxkd, {program} ({what}): thread-ms per step on"
+        f" {jax_result['threads']} cores (share of cores x wall)",
+        _common.markdown_table(("XLA ops", "thread-ms per step"), rows)))
+    costliest = [(c["op"], c["shape"], c["category"], f"{c['ms']:.1f}")
+                 for c in jax_result["costliest"]]
+    sections.append((
+        f"jaxkd, {program}: costliest XLA ops (thread-ms per step)",
+        _common.markdown_table(("op", "result", "kind", "ms"), costliest)))
+    if "torch" in results:
+      torch_result = results["torch"][program]
+      total = torch_result["wall_ms"]
+      rows = [(c, _share(ms, total)) for c, ms in torch_result["ms"].items()]
+      rows.append(("**wall time per step (ms)**", f"**{total:.1f}**"))
+      sections.append((
+          f"PyTorch, {program}: self CPU ms per step (share of wall)",
+          _common.markdown_table(("ATen operators", "ms per step"), rows)))
+  return sections
+
+
+def _torch_reference(args):
+  """The PyTorch side's module, or None; checks the models exist there."""
+  if not args.torch:
+    return None
+  if importlib.util.find_spec("torch") is None:
+    print("PyTorch is not installed (pip install torch==2.13.0, the `bench`"
+          " extra): jaxkd only.", file=sys.stderr)
+    return None
+  from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+
+  missing = [m for m in (args.teacher, args.student)
+             if m not in torch_models.DEPTHS_AND_WIDTHS]
+  if missing:
+    raise ValueError(
+        f"The PyTorch reference has no {', '.join(missing)} (it has"
+        f" {', '.join(sorted(torch_models.DEPTHS_AND_WIDTHS))}); pass"
+        " --no_torch to profile jaxkd alone.")
+  return torch_reference
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = parse_args(argv)
+  env = _common.environment("benchmarks.profile", argv)
+  steps = args.steps * max(args.rounds, 1)
+  torch_reference = _torch_reference(args)
+  results: dict[str, Any] = {"config": vars(args), "jaxkd": {}}
+  print(f"{args.teacher} -> {args.student}, B={args.batch_size},"
+        f" backend {jax.default_backend()}", flush=True)
+  for program in PROGRAMS:
+    result = profile_jax(_jax_setup(args, program), steps=steps,
+                         warmup=args.warmup, top=args.top)
+    results["jaxkd"][program] = result
+    print(f"  jaxkd {program}: {result['wall_ms']:.1f} ms per step;"
+          f" {result['thread_ms']['transpose / layout copy']:.1f} thread-ms"
+          " of transposes", flush=True)
+  if torch_reference is not None:
+    results["torch"] = {}
+    for program in PROGRAMS:
+      step, _ = torch_reference.torch_step_setup(
+          args, args.teacher, args.student, args.batch_size, "float32",
+          offline=program == "offline")
+      result = profile_torch(step, steps=steps, warmup=args.warmup)
+      results["torch"][program] = result
+      print(f"  PyTorch {program}: {result['wall_ms']:.1f} ms per step",
+            flush=True)
+  paths = _common.write_results(
+      name=args.name or NAME,
+      title=(f"Profile: where a step's time goes ({args.teacher} ->"
+             f" {args.student}, batch {args.batch_size}, float32)"),
+      env=env, results=results, sections=markdown(args, results),
+      out_dir=args.out_dir, note=args.note)
+  print("wrote", *paths)
+  return results
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
