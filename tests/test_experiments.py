@@ -15,6 +15,7 @@ import pytest
 
 from experiments import loop
 from experiments import main as main_lib
+from experiments import methods
 from experiments import model_zoo
 from experiments import pipeline
 from experiments import train
@@ -402,3 +403,37 @@ def test_nonfinite_steps_can_be_skipped(data_dir, tmp_path):
   config.optimizer.name = "sgd"
   result = train.train_and_evaluate(config, tmp_path)
   assert result["steps"] == 6 and result["skipped_steps"] > 0
+
+
+# Every method of the experiment CLI runs through the plumbing (teachers,
+# objective, cached logits, data-free generator) on the embedded digits.
+# Attention transfer needs spatial feature maps, which the MLPs lack: it runs
+# on the CIFAR configs' small convolutional models.
+_MLP_METHODS = [m for m in methods.METHODS if m != "at"]
+
+
+@pytest.mark.parametrize("method", _MLP_METHODS)
+def test_every_method_trains_one_step(method, data_dir, tmp_path):
+  config = tiny(get_config("mnist5k_default"), data_dir, method=method)
+  if method == "multi_teacher":
+    config.multi_teacher.num_teachers = 2
+  result = train.train_and_evaluate(config, tmp_path)
+  assert result["method"] == method and result["steps"] >= 1
+  assert 0.0 <= result["last_accuracy"] <= 1.0
+  expected = {"multi_teacher": 2}.get(
+      method, int(methods.needs_teacher(method, config)))
+  assert len(result["teachers"]) == expected
+
+
+def test_attention_transfer_trains_one_step(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  config = tiny(get_config("cifar100_resnet32x4_resnet8x4"), "/nonexistent",
+                method="at")
+  spec = data.get_spec(config.dataset)
+  _save_random_teacher(config, tmp_path, tuple(spec.image_shape),
+                       spec.num_classes)
+  with tfds.testing.mock_data(num_examples=64,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    result = train.train_and_evaluate(config, tmp_path)
+  assert result["method"] == "at" and result["steps"] == 1
