@@ -51,26 +51,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def matmul_ceiling(n: int, dtype, *, steps: int, warmup: int) -> dict:
-  """FLOP/s of one [n, n] @ [n, n] product: the device's dense ceiling."""
-  key_a, key_b = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
-  compiled, _ = _common.compile_step(jax.jit(jnp.matmul), a, b)
+def _rate(fn, operands, flops: float, *, steps: int, warmup: int,
+          **fields) -> dict:
+  """FLOP/s of ``jit(fn)(*operands)``, which does ``flops`` FLOPs."""
+  compiled, _ = _common.compile_step(jax.jit(fn), *operands)
   timing = _common.time_calls(
-      lambda: jax.block_until_ready(compiled(a, b)), steps=steps,
+      lambda: jax.block_until_ready(compiled(*operands)), steps=steps,
       warmup=warmup,
   )
-  flops = 2.0 * n**3
   return {
-      "n": n,
-      "dtype": jnp.dtype(dtype).name,
+      **fields,
       "flops": flops,
       "xla_flops": _common.flops_of(compiled),
       "median_s": timing.median_s,
       "flops_per_s": flops / timing.median_s,
       "best_flops_per_s": flops / timing.min_s,
   }
+
+
+def matmul_ceiling(n: int, dtype, *, steps: int, warmup: int) -> dict:
+  """FLOP/s of one [n, n] @ [n, n] product: the device's dense ceiling."""
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
+  return _rate(jnp.matmul, (a, b), 2.0 * n**3, steps=steps, warmup=warmup,
+               n=n, dtype=jnp.dtype(dtype).name)
 
 
 def conv_ceiling(channels: int, dtype, *, steps: int, warmup: int) -> dict:
@@ -87,24 +92,12 @@ def conv_ceiling(channels: int, dtype, *, steps: int, warmup: int) -> dict:
     return jax.lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  compiled, _ = _common.compile_step(jax.jit(conv), x, w)
-  timing = _common.time_calls(
-      lambda: jax.block_until_ready(compiled(x, w)), steps=steps,
-      warmup=warmup,
-  )
   # Multiply-adds that touch the image, not the zero padding (as XLA counts
   # them): per spatial axis of 16, the 3 taps of 16 outputs less the 2 that
   # fall off the edges.
   flops = 2.0 * 32 * (3 * 16 - 2) ** 2 * channels * channels
-  return {
-      "channels": channels,
-      "dtype": jnp.dtype(dtype).name,
-      "flops": flops,
-      "xla_flops": _common.flops_of(compiled),
-      "median_s": timing.median_s,
-      "flops_per_s": flops / timing.median_s,
-      "best_flops_per_s": flops / timing.min_s,
-  }
+  return _rate(conv, (x, w), flops, steps=steps, warmup=warmup,
+               channels=channels, dtype=jnp.dtype(dtype).name)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
