@@ -11,13 +11,13 @@ block collapsed to one line, and its first reference.
 from __future__ import annotations
 
 import inspect
-import pathlib
 import re
 import sys
 
+from tools import _sections
+
 START = "<!-- api-table:start -->"
 END = "<!-- api-table:end -->"
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _public(module) -> list[tuple[str, object]]:
@@ -77,21 +77,12 @@ def table() -> str:
 
 
 def render(readme: str) -> str:
-  before, rest = readme.split(START, 1)
-  _, after = rest.split(END, 1)
-  return f"{before}{START}\n{table()}\n{END}{after}"
+  return _sections.replace(readme, START, END, table())
 
 
 def main(argv: list[str]) -> int:
-  text = README.read_text()
-  updated = render(text)
-  if "--check" in argv:
-    if updated != text:
-      print("README.md's API table is out of date: python -m tools.api_table")
-      return 1
-    return 0
-  README.write_text(updated)
-  return 0
+  return _sections.main(argv, render, what="API table",
+                        command="python -m tools.api_table")
 
 
 if __name__ == "__main__":

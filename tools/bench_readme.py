@@ -15,10 +15,11 @@ from __future__ import annotations
 import pathlib
 import sys
 
+from tools import _sections
+
 START = "<!-- bench:start -->"
 END = "<!-- bench:end -->"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
 ORDER = ("throughput", "torch_reference", "profile", "flops", "scaling")
 
@@ -50,32 +51,12 @@ def section(results_dir: pathlib.Path = RESULTS) -> str:
 
 def render(readme: str, results_dir: pathlib.Path = RESULTS) -> str:
   """``readme`` with the text between the markers replaced."""
-  if readme.count(START) != 1 or readme.count(END) != 1:
-    raise ValueError(
-        f"README.md needs exactly one {START} and one {END} marker (found"
-        f" {readme.count(START)} and {readme.count(END)})."
-    )
-  before, rest = readme.split(START, 1)
-  inner, after = rest.split(END, 1)
-  del inner
-  return f"{before}{START}\n{section(results_dir)}\n{END}{after}"
+  return _sections.replace(readme, START, END, section(results_dir))
 
 
 def main(argv: list[str]) -> int:
-  text = README.read_text(encoding="utf-8")
-  try:
-    updated = render(text)
-  except ValueError as error:
-    print(error, file=sys.stderr)
-    return 2
-  if "--check" in argv:
-    if updated != text:
-      print("README.md's benchmark section is out of date:"
-            " python -m tools.bench_readme")
-      return 1
-    return 0
-  README.write_text(updated, encoding="utf-8")
-  return 0
+  return _sections.main(argv, render, what="benchmark section",
+                        command="python -m tools.bench_readme")
 
 
 if __name__ == "__main__":

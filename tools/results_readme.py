@@ -19,10 +19,11 @@ import pathlib
 import re
 import sys
 
+from tools import _sections
+
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 RESULTS = ROOT / "experiments" / "results"
 
 _TABLE = re.compile(r"<!-- table:start -->\n(.*?)\n<!-- table:end -->", re.S)
@@ -74,34 +75,14 @@ def render(readme: str, results_dir: pathlib.Path = RESULTS,
   """``readme`` with the section between the markers replaced.
 
   Raises:
-    ValueError: If the markers are missing or out of order.
+    ValueError: If the markers are missing, repeated or out of order.
   """
-  if START not in readme or END not in readme or (
-      readme.index(START) > readme.index(END)):
-    raise ValueError(
-        f"README.md needs the markers {START} and {END} (in that order)"
-        " around its results section."
-    )
-  before, rest = readme.split(START, 1)
-  _, after = rest.split(END, 1)
-  return f"{before}{START}\n{section(results_dir, root)}\n{END}{after}"
+  return _sections.replace(readme, START, END, section(results_dir, root))
 
 
 def main(argv: list[str]) -> int:
-  text = README.read_text()
-  try:
-    updated = render(text)
-  except ValueError as error:
-    print(error)
-    return 2
-  if "--check" in argv:
-    if updated != text:
-      print("README.md's results section is out of date:"
-            " python -m tools.results_readme")
-      return 1
-    return 0
-  README.write_text(updated)
-  return 0
+  return _sections.main(argv, render, what="results section",
+                        command="python -m tools.results_readme")
 
 
 if __name__ == "__main__":
