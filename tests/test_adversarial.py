@@ -23,22 +23,10 @@ TEACHER = from_linen(tiny.TinyCNN(width=8), name="teacher")
 BATCHES = tiny.digit_batches(32, 16, seed=3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)  # one group object: one compilation
 def trained_teachers(k: int = 2):
   """K small BatchNorm CNNs trained briefly on real digits (labels only)."""
-  spec = train_step.Distillation(
-      student=TEACHER, objective=[objective.LabelTerm()],
-      optimizer=optax.adam(1e-2),
-  )
-  step = train_step.make_train_step(spec)
-  params, states = [], []
-  for i in range(k):
-    batches = tiny.digit_batches(64, 30, seed=200 + i)
-    state = spec.init(jax.random.key(i), batches[0])
-    for batch in batches:
-      state, _ = step(state, batch)
-    params.append(state.params["student"])
-    states.append(state.model_state["student"])
+  params, states = tiny.trained_teachers(k, first_seed=200)
   return teachers.TeacherGroup.create(TEACHER, params, states)
 
 

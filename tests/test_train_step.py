@@ -25,23 +25,9 @@ KD = [objective.LabelTerm(weight=0.1),
       objective.LogitTerm(weight=0.9, temperature=4.0)]
 
 
-@functools.lru_cache(maxsize=None)
 def trained_teachers(k: int = 3):
   """K small teachers trained briefly on real digits (labels only)."""
-  spec = train_step.Distillation(
-      student=TEACHER, objective=[objective.LabelTerm()],
-      optimizer=optax.adam(1e-2),
-  )
-  step = train_step.make_train_step(spec)
-  params, states = [], []
-  for i in range(k):
-    batches = tiny.digit_batches(64, 30, seed=100 + i)
-    state = spec.init(jax.random.key(i), batches[0])
-    for batch in batches:
-      state, _ = step(state, batch)
-    params.append(state.params["student"])
-    states.append(state.model_state["student"])
-  return params, states
+  return tiny.trained_teachers(k, first_seed=100)
 
 
 def teacher_group(k=3, strategy="auto"):

@@ -70,3 +70,34 @@ def digit_batches(batch_size: int, num_batches: int, seed: int = 0):
     out.append({"image": jnp.asarray(images[idx]),
                 "label": jnp.asarray(labels[idx])})
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def trained_teachers(k: int, first_seed: int, width: int = 8):
+  """K ``TinyCNN(width)`` teachers trained briefly on real digits.
+
+  Labels only, Adam 1e-2, 30 batches of 64 each; teacher ``i`` is drawn and
+  fed with seed ``first_seed + i``. Returns the lists ``(params, states)``.
+  """
+  # Imported here: the models and batches above need nothing of jaxkd.
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  from jaxkd import objective  # pylint: disable=g-import-not-at-top
+  from jaxkd import train_step  # pylint: disable=g-import-not-at-top
+  from jaxkd.models import from_linen  # pylint: disable=g-import-not-at-top
+
+  spec = train_step.Distillation(
+      student=from_linen(TinyCNN(width=width), name="teacher"),
+      objective=[objective.LabelTerm()], optimizer=optax.adam(1e-2),
+  )
+  step = train_step.make_train_step(spec)
+  params, states = [], []
+  for i in range(k):
+    batches = digit_batches(64, 30, seed=first_seed + i)
+    state = spec.init(jax.random.key(i), batches[0])
+    for batch in batches:
+      state, _ = step(state, batch)
+    params.append(state.params["student"])
+    states.append(state.model_state["student"])
+  return params, states
