@@ -84,6 +84,10 @@ def init_sweep(
           hparams=first,
       )
   ]
+  # The teachers are shared: keep the first state's copy, drop the others'
+  # at once (each state copies them) rather than hold N copies.
+  teachers = states[0].teachers
+  states[0] = states[0].replace(teachers=())
   for i in range(1, n):
     states.append(
         distillation.initial_state(
@@ -91,12 +95,10 @@ def init_sweep(
             sample_batch,
             teacher_variables,
             {name: values[i] for name, values in hparams.items()},
-        )
+        ).replace(teachers=())
     )
-  stacked = teachers_lib.stack_params(
-      [s.replace(teachers=()) for s in states], name="sweep states"
-  )
-  return stacked.replace(teachers=states[0].teachers)
+  stacked = teachers_lib.stack_params(states, name="sweep states")
+  return stacked.replace(teachers=teachers)
 
 
 def sweep_size(states: DistillState) -> int:
