@@ -31,7 +31,7 @@ from jax.sharding import Mesh  # pylint: disable=g-bad-import-order
 from jax.sharding import NamedSharding  # pylint: disable=g-bad-import-order
 from jax.sharding import PartitionSpec  # pylint: disable=g-bad-import-order
 import numpy as np  # pylint: disable=g-bad-import-order
-from jaxkd import _cpu_flags  # pylint: disable=g-bad-import-order
+from jaxkd import cpu  # pylint: disable=g-bad-import-order
 from jaxkd import models  # pylint: disable=g-bad-import-order
 
 try:  # The sharding helpers, when this version of jaxkd has them.
@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def request_cpu_devices(count: int) -> str:
   """Asks for ``count`` fake CPU devices if no backend has started yet."""
-  if _cpu_flags.backend_initialized():
+  if cpu.backend_initialized():
     return "backend already initialised: using its devices"
   jax.config.update("jax_num_cpu_devices", count)
   return f"jax_num_cpu_devices={count} (fake CPU devices sharing the cores)"

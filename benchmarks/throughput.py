@@ -144,7 +144,7 @@ def run_batch_size(args, batch_size: int, student, teacher_sets) -> list[dict]:
   for k in args.teachers:
     for strategy in args.strategies:
       group, variables = tset.group(strategy, k=k)
-      resolved = teachers_lib._resolve_strategy(  # pylint: disable=protected-access
+      resolved = teachers_lib.resolve_strategy(
           strategy)
       label = strategy if strategy != "auto" else f"auto ({resolved})"
       plan.append(((

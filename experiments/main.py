@@ -17,12 +17,20 @@ import logging
 import shlex
 import sys
 
+from jaxkd import cpu  # pylint: disable=g-bad-import-order
+
+# First, before anything starts a JAX backend: the measured XLA:CPU default
+# (JAXKD_NO_CPU_FLAGS=1 opts out; see jaxkd/cpu.py).
+cpu.use_fast_cpu_defaults()
+
+# pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from experiments import pipeline
 from experiments import train
+# pylint: enable=g-import-not-at-top,g-bad-import-order
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an experiment config file.", lock_config=True)

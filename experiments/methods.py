@@ -35,7 +35,7 @@ from typing import Any, Callable
 import ml_collections
 import optax
 
-from jaxkd import adversarial
+from jaxkd.methods import adversarial
 from jaxkd import losses
 from jaxkd import objective
 from jaxkd.train_step import Views
@@ -197,7 +197,7 @@ def _multi_teacher(cfg, ctx):
       objective=(
           objective.LabelTerm(weight=1.0 - alpha),
           objective.LogitTerm(temperature=_temperature(cfg, ctx),
-                              weight=alpha, teachers=cfg.reduction),
+                              weight=alpha, teacher_reduction=cfg.reduction),
       ),
       num_teachers=cfg.num_teachers,
   )
@@ -241,7 +241,7 @@ def _self_distillation(cfg, ctx):
     return Plan(
         objective=(
             objective.LabelTerm(weight=1.0 - cfg.alpha),
-            objective.StudentTerm(
+            objective.TeacherFreeTerm(
                 loss_fn=losses.teacher_free_kd_loss, weight=cfg.alpha,
                 kwargs={"correct_probability": cfg.correct_probability,
                         "temperature": _temperature(cfg, ctx)}),

@@ -42,7 +42,7 @@ from experiments import methods as methods_lib
 from experiments import model_zoo
 from experiments import writers
 from jaxkd import checkpoint as checkpoint_lib
-from jaxkd import data_free as data_free_lib
+from jaxkd.methods import data_free as data_free_lib
 from jaxkd import objective
 from jaxkd import sharding
 from jaxkd import teachers as teachers_lib
@@ -693,11 +693,8 @@ def _train_data_free(ctx: Context, seed: int, teachers: Teachers,
   dfd = _data_free_spec(ctx, teachers.group)
 
   def build():
-    evaluator = Distillation(student=student,
-                             objective=[objective.LabelTerm()],
-                             optimizer=optax.identity(),
-                             teachers=(teachers.group,))
-    return data_free_lib.make_data_free_step(dfd), make_eval_step(evaluator)
+    return (data_free_lib.make_data_free_step(dfd),
+            make_eval_step(dfd.distillation))
 
   step, eval_step = ctx.cached(("data_free_steps", id(dfd)), build)
   init = ctx.cached(("data_free_init", id(dfd)), lambda: jax.jit(
@@ -705,31 +702,10 @@ def _train_data_free(ctx: Context, seed: int, teachers: Teachers,
   state = init(jax.random.key(seed),
                copy_tree(teachers.variables),
                tuple(ctx.data.image_shape))
-
-  def as_distill_state(s) -> DistillState:
-    return DistillState(
-        step=s.step,
-        params={"student": s.student_params, "terms": {},
-                "generator": s.generator_params},
-        model_state={"student": s.student_state, "terms": {},
-                     "generator": s.generator_state},
-        opt_state={"student": s.student_opt_state,
-                   "generator": s.generator_opt_state},
-        rng=s.rng, teachers=(s.teachers,))
-
-  def from_distill_state(s, d: DistillState):
-    return s.replace(
-        step=d.step, student_params=d.params["student"],
-        generator_params=d.params["generator"],
-        student_state=d.model_state["student"],
-        generator_state=d.model_state["generator"],
-        student_opt_state=d.opt_state["student"],
-        generator_opt_state=d.opt_state["generator"], rng=d.rng)
-
   evaluate = _evaluator(ctx, eval_step)
 
   def finite(metrics):
-    return bool(np.isfinite(metrics["student_loss"])
+    return bool(np.isfinite(metrics["loss"])
                 and np.isfinite(metrics["generator_loss"]))
 
   def batches():
@@ -742,17 +718,16 @@ def _train_data_free(ctx: Context, seed: int, teachers: Teachers,
                               "steps_per_epoch": spe})
   loop = loop_lib.Loop(
       name=name, run_dir=run_dir, step=lambda s, _: step(s),
-      batches=batches(), evaluate=lambda s: evaluate(as_distill_state(s)),
+      batches=batches(), evaluate=evaluate,
       num_epochs=config.num_epochs, batch_size=cfg.batch_size,
-      finite=finite, loss_key="student_loss",
-      to_checkpoint=as_distill_state, from_checkpoint=from_distill_state,
-      steps_per_epoch=spe)
+      finite=finite, to_checkpoint=lambda s: s,
+      from_checkpoint=lambda _, restored: restored, steps_per_epoch=spe)
   state, history = loop_lib.run_loop(ctx, loop, state)
   result = _run_result(role="student", name=name, method="data_free",
                        model_name=config.student.model, seed=seed,
                        params=state.student_params, history=history)
   writers.dump_json(run_dir / "results.json", result)
-  return result, as_distill_state(state)
+  return result, state
 
 
 # ---------------------------------------------------------------------------

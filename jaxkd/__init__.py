@@ -1,34 +1,71 @@
 """jaxkd: knowledge distillation for JAX and Flax.
 
-Modules: ``losses`` (pure loss functions), ``schedules``, ``adaptors``,
-``models`` (the model contract and bundled architectures), ``teachers``
-(stacked teachers and how they run), ``objective`` (terms of a distillation
-objective), ``sweep`` (vmapped hyper-parameter sweeps). The engine's entry
-points are re-exported here and nowhere else.
+Modules, each imported on first use (``import jaxkd.losses`` imports jax and
+nothing heavier; no import changes the environment):
+
+* ``losses``: pure loss functions of arrays;
+* ``schedules``: what optax's schedules lack (adaptive weights, grids);
+* ``models``: the model contract and the bundled architectures;
+* ``objective``: the terms of a distillation objective;
+* ``teachers``: stacked teachers and how they run;
+* ``engine`` entry points, re-exported here: :class:`Distillation`,
+  :class:`DistillState`, :func:`make_train_step`, :func:`make_eval_step`,
+  :func:`summarize`;
+* ``methods``: distillation methods built on the engine (adversarial,
+  mutual, data-free);
+* ``sharding``, ``checkpoint``, ``data``, ``sweep``, ``folding``,
+  ``adaptors``, ``cpu``.
 """
 
-# First, before anything can start a JAX backend: the fast XLA:CPU default
-# (see jaxkd/_cpu_flags.py; JAXKD_NO_CPU_FLAGS=1 opts out).
-from jaxkd import _cpu_flags
+from __future__ import annotations
 
-_cpu_flags.apply_default_cpu_flags()
+import importlib
+import importlib.metadata
+from typing import Any
 
-import importlib.metadata  # pylint: disable=g-import-not-at-top,g-bad-import-order
+_SUBMODULES = (
+    "adaptors",
+    "checkpoint",
+    "cpu",
+    "data",
+    "folding",
+    "losses",
+    "methods",
+    "models",
+    "objective",
+    "schedules",
+    "sharding",
+    "state",
+    "sweep",
+    "teachers",
+    "train_step",
+)
 
-from jaxkd import adaptors as adaptors
-from jaxkd import losses as losses
-from jaxkd import models as models
-from jaxkd import objective as objective
-from jaxkd import schedules as schedules
-from jaxkd import sweep as sweep
-from jaxkd import teachers as teachers
-from jaxkd.state import DistillState as DistillState
-from jaxkd.train_step import Distillation as Distillation
-from jaxkd.train_step import Views as Views
-from jaxkd.train_step import make_eval_step as make_eval_step
-from jaxkd.train_step import make_train_step as make_train_step
+# Public name -> the module that defines it.
+_ENGINE = {
+    "Distillation": "jaxkd.train_step",
+    "Views": "jaxkd.train_step",
+    "make_train_step": "jaxkd.train_step",
+    "make_eval_step": "jaxkd.train_step",
+    "summarize": "jaxkd.train_step",
+    "DistillState": "jaxkd.state",
+}
+
+__all__ = sorted(_SUBMODULES + tuple(_ENGINE))
 
 try:
   __version__ = importlib.metadata.version("jaxkd")
 except importlib.metadata.PackageNotFoundError:  # Imported from a source tree.
   __version__ = "0.0.0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+  if name in _SUBMODULES:
+    return importlib.import_module(f"jaxkd.{name}")
+  if name in _ENGINE:
+    return getattr(importlib.import_module(_ENGINE[name]), name)
+  raise AttributeError(f"module 'jaxkd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax.extend import core as jax_core
 import numpy as np
 
-from jaxkd.models._contract import Model
+from jaxkd.models import Model
 
 PyTree = Any
 Path = tuple[str, ...]

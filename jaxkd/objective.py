@@ -17,7 +17,19 @@ step :math:`s`. Each term says which outputs it compares:
   student feature and a named teacher feature, through an adaptor trained
   jointly with the student;
 * :class:`CRDTerm`: contrastive representation distillation with its queue of
-  negatives kept in the train state.
+  negatives kept in the train state;
+* :class:`TeacherFreeTerm`: a loss of the student's logits and the labels
+  alone (teacher-free distillation by default).
+
+Extension point. A method plugs into the engine by subclassing :class:`Term`:
+``init`` builds its trainable parameters and state, ``loss`` its scalar,
+``update`` trains parts of its own after the student's update (the
+adversarial discriminator of ``jaxkd.methods.adversarial``), and
+``evaluation_sums`` adds per-batch sums to the evaluation (the peers'
+accuracies of ``jaxkd.methods.mutual``). ``hyperparameters`` names the
+weights and temperatures the engine validates: constants and schedules when
+the term is built, traced values at every step (an invalid one makes the loss
+NaN and sets ``metrics["invalid/{term}.{name}"]``).
 
 Terms own their trainable parameters (adaptors) and state (adaptor BatchNorm
 statistics, queues); the train step stores them next to the student's.
@@ -34,6 +46,7 @@ from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkd import adaptors
 from jaxkd import losses
@@ -42,6 +55,27 @@ PyTree = Any
 ScheduleOrValue = Any  # a float, a `step -> value` schedule or a Hyper
 
 TEACHER_REDUCTIONS = ("ensemble", "ensemble_logits", "mean", "confidence")
+HYPERPARAMETER_KINDS = ("weight", "temperature")
+# Steps at which a schedule is checked when its term is built.
+_CHECKED_STEPS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+__all__ = [
+    "CRDTerm",
+    "FeatureTerm",
+    "Hyper",
+    "LabelTerm",
+    "LogitTerm",
+    "ScheduleOrValue",
+    "StepOutputs",
+    "TEACHER_REDUCTIONS",
+    "TeacherFreeTerm",
+    "Term",
+    "check_hyperparameter",
+    "check_unique_names",
+    "is_valid",
+    "require_labels",
+    "resolve",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +107,61 @@ def resolve(
   if callable(value):
     return jnp.asarray(value(step), jnp.float32)
   return jnp.asarray(value, jnp.float32)
+
+
+def is_valid(value: jax.Array, kind: str) -> jax.Array:
+  """Whether a (traced) hyper-parameter value is usable: a boolean scalar.
+
+  A temperature must be finite and ``> 0``, a weight finite and ``>= 0``.
+  """
+  value = jnp.asarray(value, jnp.float32)
+  if kind == "temperature":
+    return jnp.all(jnp.isfinite(value) & (value > 0))
+  return jnp.all(jnp.isfinite(value) & (value >= 0))
+
+
+def check_hyperparameter(owner: str, name: str, value: Any, kind: str) -> None:
+  """Raises ``ValueError`` for an invalid constant or schedule.
+
+  Constants are checked as they are; a schedule (a callable of the step) is
+  evaluated at steps 0, 1, 10, ..., 10**6 and every value checked. A
+  :class:`Hyper` is read from the state at run time and checked there.
+  """
+  if kind not in HYPERPARAMETER_KINDS:
+    raise ValueError(f"Unknown hyper-parameter kind {kind!r}.")
+  if value is None or isinstance(value, (Hyper, jax.core.Tracer)):
+    return  # Checked at run time, by the engine.
+  need = "> 0" if kind == "temperature" else ">= 0"
+  if callable(value):
+    for step in _CHECKED_STEPS:
+      at = jax.device_get(value(jnp.asarray(step, jnp.int32)))
+      if not bool(is_valid(at, kind)):
+        raise ValueError(
+            f"`{name}` of {owner} is a schedule whose value at step {step} is"
+            f" {float(jnp.asarray(at)):g}; a {kind} must be finite and {need}."
+        )
+    return
+  if isinstance(value, bool) or not isinstance(
+      value, (int, float, jax.Array, jnp.ndarray, jnp.generic)
+  ):
+    raise TypeError(
+        f"`{name}` of {owner} must be a number, a schedule (a callable of"
+        f" the step) or a Hyper, got {type(value).__name__} {value!r}."
+    )
+  constant = np.asarray(value, np.float64)
+  ok = np.isfinite(constant) & (
+      constant > 0 if kind == "temperature" else constant >= 0)
+  if not np.all(ok):
+    raise ValueError(
+        f"`{name}` of {owner} must be finite and {need}, got {value!r}."
+    )
+
+
+def require_labels(name: str, outputs: "StepOutputs") -> jax.Array:
+  """The step's labels, or a ``ValueError`` naming the term that needs them."""
+  if outputs.labels is None:
+    raise ValueError(f"Term {name!r} needs labels in the batch.")
+  return outputs.labels
 
 
 class StepOutputs(struct.PyTreeNode):
@@ -125,6 +214,29 @@ class Term:
   weight: ScheduleOrValue
   needs_teacher: bool = True
 
+  def __post_init__(self):
+    for name, (value, kind) in self.hyperparameters().items():
+      check_hyperparameter(f"term {self.name!r}", name, value, kind)
+
+  def hyperparameters(self) -> dict[str, tuple[ScheduleOrValue, str]]:
+    """``{name: (value, kind)}`` of the weights and temperatures to check.
+
+    ``kind`` is ``"weight"`` (finite, ``>= 0``) or ``"temperature"``
+    (finite, ``> 0``). Subclasses with more add theirs to the base's.
+    """
+    return {"weight": (self.weight, "weight")}
+
+  def evaluation_sums(
+      self, outputs: StepOutputs, weights: jax.Array
+  ) -> Mapping[str, jax.Array]:
+    """Sums over an evaluation batch that this term adds (default none).
+
+    ``weights`` ``[B]`` are the examples' mask as floats. The eval step
+    reports them as ``"{name}/{key}"``; ``summarize`` divides by the count.
+    """
+    del outputs, weights
+    return {}
+
   def init(
       self, key: jax.Array, outputs: StepOutputs
   ) -> tuple[PyTree, PyTree]:
@@ -160,18 +272,10 @@ class LabelTerm(Term):
 
   def loss(self, params, state, outputs):
     del params
-    if outputs.labels is None:
-      raise ValueError(f"Term {self.name!r} needs labels in the batch.")
-    logits = outputs.student_logits.astype(jnp.float32)
-    num_classes = logits.shape[-1]
-    labels = outputs.labels
-    if jnp.issubdtype(labels.dtype, jnp.integer):
-      labels = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    labels = labels.astype(jnp.float32)
-    targets = (
-        1.0 - self.label_smoothing
-    ) * labels + self.label_smoothing / num_classes
-    per_example = -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
+    labels = require_labels(self.name, outputs)
+    per_example = losses.cross_entropy(
+        outputs.student_logits, labels, label_smoothing=self.label_smoothing
+    )
     return _mean_loss(per_example), state
 
 
@@ -208,7 +312,7 @@ class LogitTerm(Term):
   ``with_labels`` is set (``distillation_loss``, ``dkd_loss``).
 
   Several teachers (``teacher_logits`` of shape ``[K, B, C]``) are combined by
-  ``teachers``:
+  ``teacher_reduction``:
 
   * ``"ensemble"``: one target, the probability average
     :math:`\\bar p = \\frac1K \\sum_k \\mathrm{softmax}(z_k / T)`;
@@ -225,24 +329,29 @@ class LogitTerm(Term):
   loss_fn: Callable[..., jax.Array] = losses.kd_loss
   weight: ScheduleOrValue = 1.0
   temperature: ScheduleOrValue | None = 4.0
-  teachers: str = "ensemble"
+  teacher_reduction: str = "ensemble"
   with_labels: bool = False
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   name: str = "kd"
 
   def __post_init__(self):
-    if self.teachers not in TEACHER_REDUCTIONS:
+    super().__post_init__()
+    if self.teacher_reduction not in TEACHER_REDUCTIONS:
       raise ValueError(
-          f"`teachers` of term {self.name!r} must be one of"
-          f" {TEACHER_REDUCTIONS}, got {self.teachers!r}."
+          f"`teacher_reduction` of term {self.name!r} must be one of"
+          f" {TEACHER_REDUCTIONS}, got {self.teacher_reduction!r}."
       )
+
+  def hyperparameters(self):
+    return {
+        **super().hyperparameters(),
+        "temperature": (self.temperature, "temperature"),
+    }
 
   def _call(self, student_logits, teacher_logits, outputs, temperature):
     args = [student_logits, teacher_logits]
     if self.with_labels:
-      if outputs.labels is None:
-        raise ValueError(f"Term {self.name!r} needs labels in the batch.")
-      args.append(outputs.labels)
+      args.append(require_labels(self.name, outputs))
     kwargs = dict(self.kwargs)
     if temperature is not None:
       kwargs["temperature"] = temperature
@@ -259,14 +368,14 @@ class LogitTerm(Term):
     )
     student = outputs.student_logits.astype(jnp.float32)
     teachers = outputs.teacher_logits.astype(jnp.float32)
-    if self.teachers == "mean" or teachers.shape[0] == 1:
+    if self.teacher_reduction == "mean" or teachers.shape[0] == 1:
       per_teacher = jax.vmap(
           lambda t: _mean_loss(self._call(student, t, outputs, temperature))
       )(teachers)
       return jnp.mean(per_teacher), state
     target = _combine_teachers(
         teachers,
-        self.teachers,
+        self.teacher_reduction,
         jnp.float32(1.0) if temperature is None else temperature,
     )
     return _mean_loss(self._call(student, target, outputs, temperature)), state
@@ -380,6 +489,12 @@ class CRDTerm(Term):
   teacher: int | str = 0
   name: str = "crd"
 
+  def hyperparameters(self):
+    return {
+        **super().hyperparameters(),
+        "temperature": (self.temperature, "temperature"),
+    }
+
   def _features(self, outputs):
     return FeatureTerm(
         student_feature=self.student_feature,
@@ -430,8 +545,8 @@ def check_unique_names(terms: Sequence[Term]) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class StudentTerm(Term):
-  """A loss of the student's logits and the labels alone.
+class TeacherFreeTerm(Term):
+  """A loss of the student's logits and the labels alone: no teacher runs.
 
   The default is teacher-free distillation (Yuan et al., 2020):
   ``losses.teacher_free_kd_loss`` towards a virtual teacher built from the
@@ -446,9 +561,7 @@ class StudentTerm(Term):
 
   def loss(self, params, state, outputs):
     del params
-    if outputs.labels is None:
-      raise ValueError(f"Term {self.name!r} needs labels in the batch.")
-    labels = outputs.labels
+    labels = require_labels(self.name, outputs)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
       labels = jnp.argmax(labels, axis=-1)
     value = self.loss_fn(

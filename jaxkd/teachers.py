@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxkd.models._contract import Model
+from jaxkd.models import Model
 
 PyTree = Any
 Array = jax.Array
@@ -365,7 +365,7 @@ def _check_strategy(strategy: Any) -> None:
     )
 
 
-def _resolve_strategy(strategy: str) -> str:
+def resolve_strategy(strategy: str) -> str:
   _check_strategy(strategy)
   if strategy == "auto":
     return _AUTO_STRATEGY.get(jax.default_backend(), _AUTO_FALLBACK)
@@ -426,7 +426,7 @@ def apply_teachers(
   Examples:
     >>> import jax
     >>> from jaxkd import teachers
-    >>> from jaxkd.models._contract import Model
+    >>> from jaxkd.models import Model
     >>> def apply(params, state, x, *, train, rng):
     ...   return x @ params["w"], {"input": x}, state
     >>> model = Model(init=None, apply=apply, name="linear")
@@ -442,7 +442,7 @@ def apply_teachers(
 
   .. versionadded:: 0.1.0
   """
-  strategy = _resolve_strategy(group.strategy if strategy is None else strategy)
+  strategy = resolve_strategy(group.strategy if strategy is None else strategy)
   k = _num_teachers(group, variables)
   if per_teacher_inputs:
     k_x = num_stacked(x, name="x")

@@ -239,6 +239,7 @@ class Distillation:
     total = jnp.zeros((), jnp.float32)
     term_states = {}
     metrics = {}
+    valid = jnp.ones((), jnp.bool_)
     for term in self.objective:
       value, term_states[term.name] = term.loss(
           params["terms"][term.name],
@@ -248,7 +249,22 @@ class Distillation:
       weight = outputs.resolve(term.weight)
       total = total + weight * value
       metrics[f"loss/{term.name}"] = value
-    new_model_state = {"student": new_student_state, "terms": term_states}
+      # Traced weights and temperatures (schedules, Hyper values) are checked
+      # here: an invalid one is named in the metrics and makes the loss NaN.
+      for name, (given, kind) in term.hyperparameters().items():
+        if given is None:
+          continue
+        ok = objective_lib.is_valid(outputs.resolve(given), kind)
+        metrics[f"invalid/{term.name}.{name}"] = jnp.logical_not(ok).astype(
+            jnp.int32
+        )
+        valid = valid & ok
+    total = jnp.where(valid, total, jnp.nan)
+    new_model_state = {
+        **state.model_state,
+        "student": new_student_state,
+        "terms": term_states,
+    }
     return total, (new_model_state, metrics, outputs)
 
   # -- Initialisation ------------------------------------------------------
@@ -470,7 +486,12 @@ class Distillation:
     outputs, _ = self._outputs(
         state.params, state, batch, key=jax.random.key(0), train=False
     )
-    return evaluation_metrics(outputs, batch.get("mask"))
+    sums = evaluation_metrics(outputs, batch.get("mask"))
+    weights = _example_weights(outputs.student_logits, batch.get("mask"))
+    for term in self.objective:
+      for key, value in term.evaluation_sums(outputs, weights).items():
+        sums[f"{term.name}/{key}"] = value
+    return sums
 
 
 def _has_cached_teacher(batch: Batch) -> bool:
@@ -543,6 +564,12 @@ def _as_float(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32)
 
 
+def _example_weights(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+  if mask is None:
+    return jnp.ones(logits.shape[:1], jnp.float32)
+  return jnp.asarray(mask).astype(jnp.float32)
+
+
 def evaluation_metrics(
     outputs: objective_lib.StepOutputs, mask: jax.Array | None = None
 ) -> dict[str, jax.Array]:
@@ -552,11 +579,7 @@ def evaluation_metrics(
   included (``mask``), and divide by ``count`` at the end.
   """
   logits = outputs.student_logits.astype(jnp.float32)
-  weights = (
-      jnp.ones(logits.shape[:1], jnp.float32)
-      if mask is None
-      else jnp.asarray(mask).astype(jnp.float32)
-  )
+  weights = _example_weights(logits, mask)
   metrics = {"count": jnp.sum(weights)}
   predictions = jnp.argmax(logits, axis=-1)
   if outputs.labels is not None:

@@ -11,11 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxkd import adversarial
+from jaxkd.methods import adversarial
 from jaxkd import objective
 from jaxkd import teachers
 from jaxkd import train_step
-from jaxkd.models._contract import from_linen
+from jaxkd.models import from_linen
 from tests import tiny
 
 STUDENT = from_linen(tiny.TinyCNN(width=4), name="student")

@@ -20,7 +20,7 @@ from jaxkd import losses
 from jaxkd import objective
 from jaxkd import teachers
 from jaxkd import train_step
-from jaxkd.models._contract import from_linen
+from jaxkd.models import from_linen
 
 K = 2  # teachers
 

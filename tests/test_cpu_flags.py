@@ -1,8 +1,9 @@
-"""The default XLA:CPU flag that `import jaxkd` applies (jaxkd/_cpu_flags.py).
+"""The XLA:CPU flag of `jaxkd.cpu.use_fast_cpu_defaults`, and imports that
+change nothing.
 
 The decision logic is tested in this process on a dict standing in for the
-environment; what `import jaxkd` does to a real process is tested in fresh
-interpreters (subprocesses), since XLA reads its flags once per process.
+environment; what an import or the call does to a real process is tested in
+fresh interpreters (subprocesses), since XLA reads its flags once per process.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import warnings
 
 import pytest
 
-from jaxkd import _cpu_flags
+from jaxkd import cpu as _cpu_flags
 
 VERIFIED = sorted(_cpu_flags.VERIFIED_JAXLIB_VERSIONS)[0]
 
@@ -38,16 +39,16 @@ def fresh(monkeypatch):
 
 def test_adds_the_flag_to_an_empty_environment(fresh):
   environ = {}
-  assert _cpu_flags.apply_default_cpu_flags(environ) is True
+  assert _cpu_flags.use_fast_cpu_defaults(environ) is True
   assert environ["XLA_FLAGS"] == _cpu_flags.FLAG
   # A second call finds it and changes nothing.
-  assert _cpu_flags.apply_default_cpu_flags(environ) is False
+  assert _cpu_flags.use_fast_cpu_defaults(environ) is False
   assert environ["XLA_FLAGS"] == _cpu_flags.FLAG
 
 
 def test_appends_to_other_flags(fresh):
   environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  _cpu_flags.apply_default_cpu_flags(environ)
+  _cpu_flags.use_fast_cpu_defaults(environ)
   assert environ["XLA_FLAGS"] == (
       f"--xla_force_host_platform_device_count=8 {_cpu_flags.FLAG}"
   )
@@ -64,21 +65,21 @@ def test_appends_to_other_flags(fresh):
 )
 def test_a_user_value_is_left_alone(fresh, value):
   environ = {"XLA_FLAGS": value}
-  assert _cpu_flags.apply_default_cpu_flags(environ) is False
+  assert _cpu_flags.use_fast_cpu_defaults(environ) is False
   assert environ == {"XLA_FLAGS": value}
 
 
 @pytest.mark.parametrize("value", ["1", "true", "yes"])
 def test_opt_out(fresh, value):
   environ = {_cpu_flags.OPT_OUT_VARIABLE: value}
-  assert _cpu_flags.apply_default_cpu_flags(environ) is False
+  assert _cpu_flags.use_fast_cpu_defaults(environ) is False
   assert "XLA_FLAGS" not in environ
 
 
 @pytest.mark.parametrize("value", ["", "0", "false"])
 def test_opt_out_off_values_still_apply(fresh, value):
   environ = {_cpu_flags.OPT_OUT_VARIABLE: value}
-  assert _cpu_flags.apply_default_cpu_flags(environ) is True
+  assert _cpu_flags.use_fast_cpu_defaults(environ) is True
   assert environ["XLA_FLAGS"] == _cpu_flags.FLAG
 
 
@@ -87,18 +88,18 @@ def test_unverified_jaxlib_warns_once_and_adds_nothing(fresh, version):
   fresh.setattr(_cpu_flags, "jaxlib_version", lambda: version)
   environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
   with pytest.warns(_cpu_flags.CpuFlagsWarning, match="verified on jaxlib"):
-    assert _cpu_flags.apply_default_cpu_flags(environ) is False
+    assert _cpu_flags.use_fast_cpu_defaults(environ) is False
   assert environ == {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    _cpu_flags.apply_default_cpu_flags(environ)  # Once: no second warning.
+    _cpu_flags.use_fast_cpu_defaults(environ)  # Once: no second warning.
 
 
 def test_initialised_backend_warns_and_adds_nothing(fresh):
   fresh.setattr(_cpu_flags, "backend_initialized", lambda: True)
   environ = {}
   with pytest.warns(_cpu_flags.CpuFlagsWarning, match="already initialised"):
-    assert _cpu_flags.apply_default_cpu_flags(environ) is False
+    assert _cpu_flags.use_fast_cpu_defaults(environ) is False
   assert environ == {}
 
 
@@ -107,7 +108,7 @@ def test_a_warning_turned_into_an_error_is_logged_instead(fresh, caplog):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     with caplog.at_level(logging.WARNING, logger=_cpu_flags.__name__):
-      assert _cpu_flags.apply_default_cpu_flags({}) is False
+      assert _cpu_flags.use_fast_cpu_defaults({}) is False
   assert "verified on jaxlib" in caplog.text
 
 
@@ -118,17 +119,6 @@ def test_backend_check_does_not_import_jax(monkeypatch):
     monkeypatch.delitem(sys.modules, name)
   assert _cpu_flags.backend_initialized() is False
   assert "jax" not in sys.modules
-
-
-def test_this_test_process_got_the_flag():
-  # conftest.py imports jax and sets options (no backend starts); the test
-  # modules import jaxkd while pytest collects them, before any test runs.
-  if (
-      _cpu_flags.jaxlib_version() not in _cpu_flags.VERIFIED_JAXLIB_VERSIONS
-      or _cpu_flags._opted_out(os.environ)  # pylint: disable=protected-access
-  ):
-    pytest.skip("unverified jaxlib or opted out: no flag expected")
-  assert _cpu_flags.OPTION in os.environ.get("XLA_FLAGS", "")
 
 
 # ---------------------------------------------------------------------------
@@ -144,7 +134,8 @@ _PRELUDE = textwrap.dedent("""
 
 # Two training steps of a small resnet8; prints the loss and parameter sums.
 _TRAIN = _PRELUDE + textwrap.dedent("""
-    import jaxkd
+    from jaxkd import cpu
+    cpu.use_fast_cpu_defaults()
     import jax, jax.numpy as jnp, numpy as np, optax
     from jaxkd import models, objective, train_step
     rng = np.random.default_rng(0)
@@ -172,7 +163,8 @@ _TRAIN = _PRELUDE + textwrap.dedent("""
 """)
 
 _IMPORT = _PRELUDE + textwrap.dedent("""
-    import jaxkd
+    from jaxkd import cpu
+    cpu.use_fast_cpu_defaults()
     import jax.numpy as jnp
     float(jnp.ones(3).sum())  # The backend starts with the flags: no abort.
     print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -243,13 +235,13 @@ def _skip_unless_verified():
     pytest.skip("the installed jaxlib is not a verified one")
 
 
-def test_import_applies_the_flag(interpreters):
+def test_the_call_applies_the_flag(interpreters):
   _skip_unless_verified()
   assert interpreters["default"]["xla_flags"] == _cpu_flags.FLAG
   assert interpreters["default"]["warnings"] == []
 
 
-def test_import_leaves_a_user_value_alone(interpreters):
+def test_the_call_leaves_a_user_value_alone(interpreters):
   _skip_unless_verified()
   assert interpreters["user_value"]["xla_flags"] == (
       "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
@@ -257,12 +249,12 @@ def test_import_leaves_a_user_value_alone(interpreters):
   assert interpreters["user_value"]["warnings"] == []
 
 
-def test_import_respects_the_opt_out(interpreters):
+def test_the_call_respects_the_opt_out(interpreters):
   assert interpreters["opted_out"]["xla_flags"] == ""
   assert interpreters["opted_out"]["warnings"] == []
 
 
-def test_import_with_an_unverified_jaxlib_warns_and_adds_nothing(interpreters):
+def test_the_call_with_an_unverified_jaxlib_warns_and_adds_nothing(interpreters):
   result = interpreters["unverified"]
   assert result["xla_flags"] == ""
   assert len(result["warnings"]) == 1
@@ -280,3 +272,36 @@ def test_the_flag_does_not_change_the_numbers(interpreters):
     assert len(flagged[key]) == len(plain[key])
     for a, b in zip(flagged[key], plain[key]):
       assert a == pytest.approx(b, rel=1e-4, abs=1e-5), key
+
+
+# Imports: nothing in the environment changes, and the losses stay light.
+_IMPORTS = textwrap.dedent("""
+    import json, os, sys
+    before = dict(os.environ)
+    import jaxkd.losses
+    light = sorted(m for m in ("flax", "optax", "orbax", "tensorflow_datasets",
+                               "grain") if m in sys.modules)
+    import jaxkd
+    from jaxkd import Distillation, DistillState, make_train_step
+    from jaxkd.methods import mutual
+    after = dict(os.environ)
+    changed = sorted(k for k in set(before) | set(after)
+                     if before.get(k) != after.get(k))
+    print(json.dumps({"changed": changed, "heavy_after_losses": light}))
+""")
+
+
+def test_imports_change_no_environment_and_losses_import_only_jax():
+  env = _clean_environment()
+  for name in ("TF_CPP_MIN_LOG_LEVEL", "TPU_SKIP_MDS_QUERY"):
+    env.pop(name, None)
+  result = subprocess.run(
+      [sys.executable, "-c", _IMPORTS], env=env, capture_output=True,
+      text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
+  assert result.returncode == 0, result.stderr
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  # `import jax` itself sets these two; anything else would be ours.
+  assert set(out["changed"]) <= {"TF_CPP_MIN_LOG_LEVEL", "TPU_SKIP_MDS_QUERY"}
+  assert out["heavy_after_losses"] == []

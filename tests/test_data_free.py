@@ -11,11 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxkd import data_free
+from jaxkd.methods import data_free
 from jaxkd import objective
 from jaxkd import teachers
 from jaxkd import train_step
-from jaxkd.models._contract import from_linen
+from jaxkd.models import from_linen
 from tests import tiny
 
 TEACHER_MODULE = tiny.TinyCNN(width=8)
@@ -75,7 +75,7 @@ def test_data_free_step_trains_generator_and_student():
   assert last < first, (first, last)
   first, last = first_last("generator/bn_statistics")
   assert last < first, (first, last)
-  first, last = first_last("student_kl")
+  first, last = first_last("loss/kd")
   assert last < first, (first, last)
   assert all(np.isfinite(m["generator/discrepancy"]) for m in history)
   # The BN loss runs over both of the teacher's BatchNorm layers.

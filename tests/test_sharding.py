@@ -28,7 +28,7 @@ from jaxkd import objective
 from jaxkd import sharding
 from jaxkd import teachers
 from jaxkd import train_step
-from jaxkd.models._contract import from_linen
+from jaxkd.models import from_linen
 
 BATCH = 24
 NUM_STEPS = 2

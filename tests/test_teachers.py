@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxkd import teachers
-from jaxkd.models._contract import Model, from_linen
+from jaxkd.models import Model, from_linen
 from tests import helpers
 
 NUM_CLASSES = 5
@@ -277,14 +277,14 @@ def test_unknown_strategy(where):
 
 def test_auto_strategy_table(monkeypatch):
   monkeypatch.setattr(teachers.jax, "default_backend", lambda: "cpu")
-  assert teachers._resolve_strategy("auto") == "scan"
-  assert teachers._resolve_strategy("scan") == "scan"
+  assert teachers.resolve_strategy("auto") == "scan"
+  assert teachers.resolve_strategy("scan") == "scan"
   monkeypatch.setattr(teachers.jax, "default_backend", lambda: "gpu")
-  assert teachers._resolve_strategy("auto") == "vmap"
+  assert teachers.resolve_strategy("auto") == "vmap"
   monkeypatch.setattr(teachers.jax, "default_backend", lambda: "tpu")
-  assert teachers._resolve_strategy("auto") == "vmap"
+  assert teachers.resolve_strategy("auto") == "vmap"
   monkeypatch.setattr(teachers.jax, "default_backend", lambda: "neuron")
-  assert teachers._resolve_strategy("auto") == teachers._AUTO_FALLBACK
+  assert teachers.resolve_strategy("auto") == teachers._AUTO_FALLBACK
 
 
 # ---------------------------------------------------------------------------

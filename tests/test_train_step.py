@@ -15,7 +15,7 @@ from jaxkd import objective
 from jaxkd import sweep
 from jaxkd import teachers
 from jaxkd import train_step
-from jaxkd.models._contract import from_linen
+from jaxkd.models import from_linen
 from tests import helpers
 from tests import tiny
 
@@ -112,11 +112,11 @@ def test_only_student_and_adaptors_change():
         ("hard labels on", KD, None),
         ("hard labels off", [objective.LogitTerm(temperature=4.0)], None),
         ("ensemble of logits",
-         [objective.LogitTerm(teachers="ensemble_logits")], None),
+         [objective.LogitTerm(teacher_reduction="ensemble_logits")], None),
         ("mean of per-teacher losses",
-         [objective.LogitTerm(teachers="mean")], None),
+         [objective.LogitTerm(teacher_reduction="mean")], None),
         ("confidence weights",
-         [objective.LogitTerm(teachers="confidence")], None),
+         [objective.LogitTerm(teacher_reduction="confidence")], None),
         ("decoupled KD", [objective.LogitTerm(
             loss_fn=losses.dkd_loss, with_labels=True, name="dkd",
             kwargs={"alpha": 1.0, "beta": 8.0})], None),
@@ -161,7 +161,7 @@ def test_option_trains_on_real_digits(name, terms, views):
 
 def test_teacher_free_needs_no_teacher():
   spec = train_step.Distillation(
-      student=STUDENT, objective=[objective.StudentTerm()],
+      student=STUDENT, objective=[objective.TeacherFreeTerm()],
       optimizer=optax.adam(1e-2),
   )
   assert not spec.needs_teachers
@@ -430,3 +430,36 @@ def test_the_same_step_trains_an_nnx_student():
   )
   state, history = run(spec, BATCHES, [variables])
   assert_trains(history)
+
+
+def test_invalid_temperatures_and_weights_are_refused_when_built():
+  with pytest.raises(ValueError, match="`temperature` of term 'kd'"):
+    objective.LogitTerm(losses.kd_loss, temperature=-1.0)
+  with pytest.raises(ValueError, match="`temperature`"):
+    objective.LogitTerm(losses.kd_loss, temperature=0)
+  with pytest.raises(ValueError, match="`weight` of term 'labels'"):
+    objective.LabelTerm(weight=float("nan"))
+  with pytest.raises(ValueError, match="at step 1000"):
+    objective.LogitTerm(temperature=lambda step: 4.0 - step / 250)
+  with pytest.raises(TypeError, match="`temperature`"):
+    objective.LogitTerm(temperature="4")
+
+
+def test_a_traced_invalid_temperature_is_nan_and_named_in_the_metrics():
+  batch = tiny.digit_batches(16, 1, seed=3)[0]
+  batch = {**batch, "teacher_logits": jnp.zeros((1, 16, 10))}
+  spec = train_step.Distillation(
+      student=STUDENT,
+      objective=[objective.LabelTerm(),
+                 objective.LogitTerm(temperature=objective.Hyper("t"))],
+      optimizer=optax.sgd(0.1))
+  step = train_step.make_train_step(spec, donate=False)
+  for value, bad in ((4.0, 0), (-1.0, 1), (0.0, 1), (float("nan"), 1)):
+    state = spec.init(jax.random.key(0), batch, hparams={"t": value})
+    new, metrics = step(state, batch)
+    assert int(metrics["invalid/kd.temperature"]) == bad
+    assert int(metrics["invalid/labels.weight"]) == 0
+    assert bool(np.isnan(metrics["loss"])) == bool(bad)
+    assert int(metrics["nonfinite"]) == bad
+    if bad:  # The default policy leaves the state alone.
+      jax.tree.map(np.testing.assert_array_equal, new.params, state.params)

@@ -23,6 +23,15 @@ and
    teacher on ``stop_gradient(x)``, the same images, so that the student's
    gradient never reaches the generator.
 
+The student's half is the engine's own step: :attr:`DataFreeDistillation.
+distillation` is a plain :class:`jaxkd.Distillation` (a ``kd_loss`` term and
+the teacher group), and the data-free step calls it on the generated images
+with the teachers' logits, already computed for the generator, passed as
+cached ``teacher_logits`` (the teachers run once per step). The state is a
+:class:`jaxkd.DistillState`; the generator's parameters, BatchNorm statistics
+and optimiser state live in ``state.model_state["generator"]``, which the
+engine carries untouched and checkpoints with the rest.
+
 With ``K`` teachers in the group the generator's losses are averaged over
 the teachers and the student learns from their probability ensemble.
 
@@ -50,10 +59,8 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
-from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,173 +68,31 @@ import optax
 
 from jaxkd import losses
 from jaxkd import objective
-from jaxkd import state as state_lib
 from jaxkd import teachers as teachers_lib
-from jaxkd.models._contract import Model
+from jaxkd import train_step
+from jaxkd.methods._inversion import BatchNormRecord as BatchNormRecord
+from jaxkd.methods._inversion import batchnorm_statistics_sum
+from jaxkd.methods._inversion import Generator as Generator
+from jaxkd.methods._inversion import record_batchnorm as record_batchnorm
+from jaxkd.models import Model
+from jaxkd.state import DistillState
+
+__all__ = [
+    "BatchNormRecord",
+    "DataFreeDistillation",
+    "GENERATOR",
+    "Generator",
+    "make_data_free_step",
+    "record_batchnorm",
+]
 
 PyTree = Any
 
-_OUTPUTS = ("sigmoid", "tanh", "linear")
+# The key of the generator's arrays in ``DistillState.model_state``.
+GENERATOR = "generator"
 
-
-class Generator(nn.Module):
-  """A small DCGAN-style generator: noise ``[B, D]`` to images ``[B, H, W, C]``.
-
-  Dense to a half-resolution map, BatchNorm, nearest-neighbour upsampling,
-  3x3 convolution, BatchNorm, leaky ReLU, a 3x3 convolution to ``C``
-  channels, and the output non-linearity. BatchNorm runs in float32.
-
-  Attributes:
-    image_shape: ``(H, W, C)`` of one image.
-    width: Channels of the hidden maps.
-    output: ``"sigmoid"`` (images in ``[0, 1]``), ``"tanh"`` (``[-1, 1]``)
-      or ``"linear"``.
-  """
-
-  image_shape: Sequence[int]
-  width: int = 64
-  output: str = "sigmoid"
-
-  @nn.compact
-  def __call__(self, noise: jax.Array, train: bool) -> jax.Array:
-    if self.output not in _OUTPUTS:
-      raise ValueError(
-          f"`output` must be one of {_OUTPUTS}, got {self.output!r}."
-      )
-    height, width, channels = self.image_shape
-    batch = noise.shape[0]
-    low_h, low_w = math.ceil(height / 2), math.ceil(width / 2)
-
-    def bn(h):
-      return nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
-
-    h = nn.Dense(low_h * low_w * self.width)(noise.astype(jnp.float32))
-    h = bn(h.reshape(batch, low_h, low_w, self.width))
-    h = jax.image.resize(
-        h, (batch, 2 * low_h, 2 * low_w, self.width), "nearest"
-    )
-    h = nn.leaky_relu(bn(nn.Conv(self.width, (3, 3))(h)), 0.2)
-    h = nn.Conv(channels, (3, 3))(h)[:, :height, :width]
-    if self.output == "sigmoid":
-      return nn.sigmoid(h)
-    if self.output == "tanh":
-      return jnp.tanh(h)
-    return h
-
-
-# ---------------------------------------------------------------------------
-# Recording the teacher's batch-normalisation layers.
-# ---------------------------------------------------------------------------
-
-
-class BatchNormRecord(NamedTuple):
-  """One call of an ``nn.BatchNorm`` layer.
-
-  Attributes:
-    path: The module's path, e.g. ``"BatchNorm_0"`` or ``"stage1/bn"``.
-    inputs: The array the layer normalised.
-    mean: Its running mean (``batch_stats["mean"]``).
-    var: Its running variance.
-    axis: The feature axis of ``inputs``.
-  """
-
-  path: str
-  inputs: jax.Array
-  mean: jax.Array
-  var: jax.Array
-  axis: int
-
-
-def record_batchnorm(
-    fn: Callable[..., Any], *args, **kwargs
-) -> tuple[Any, list[BatchNormRecord]]:
-  """Calls ``fn(*args, **kwargs)``, recording every linen BatchNorm call.
-
-  ``fn`` typically applies a linen module (``Model.apply`` of a model made
-  by ``from_linen``). Calls of ``nn.BatchNorm`` are intercepted with
-  ``flax.linen.intercept_methods``; their inputs are recorded as they were
-  traced, so gradients flow through them.
-
-  Args:
-    fn: The function to run.
-    *args: Its positional arguments.
-    **kwargs: Its keyword arguments.
-
-  Returns:
-    ``(fn's result, records)``, one :class:`BatchNormRecord` per call, in
-    call order.
-
-  Raises:
-    ValueError: For a BatchNorm normalising over several feature axes.
-  """
-  records = []
-
-  def interceptor(next_fun, call_args, call_kwargs, context):
-    out = next_fun(*call_args, **call_kwargs)
-    module = context.module
-    if isinstance(module, nn.BatchNorm) and context.method_name == "__call__":
-      x = call_args[0] if call_args else call_kwargs["x"]
-      axis = module.axis
-      if isinstance(axis, (tuple, list)):
-        if len(axis) != 1:
-          raise ValueError(
-              f"BatchNorm {'/'.join(module.path)!r} normalises over the"
-              f" feature axes {axis}; only one feature axis is supported."
-          )
-        axis = axis[0]
-      records.append(BatchNormRecord(
-          path="/".join(str(p) for p in module.path),
-          inputs=x,
-          mean=module.get_variable("batch_stats", "mean"),
-          var=module.get_variable("batch_stats", "var"),
-          axis=int(axis),
-      ))
-    return out
-
-  with nn.intercept_methods(interceptor):
-    out = fn(*args, **kwargs)
-  return out, records
-
-
-def batchnorm_statistics_sum(records: Sequence[BatchNormRecord]) -> jax.Array:
-  """DeepInversion's feature loss summed over recorded BatchNorm layers."""
-  total = jnp.zeros((), jnp.float32)
-  for record in records:
-    total = total + losses.batchnorm_statistics_loss(
-        record.inputs, record.mean, record.var, axis=record.axis
-    ).astype(jnp.float32)
-  return total
-
-
-# ---------------------------------------------------------------------------
-# State and specification.
-# ---------------------------------------------------------------------------
-
-
-class DataFreeState(struct.PyTreeNode):
-  """Everything a data-free step reads and writes.
-
-  Attributes:
-    step: Number of steps taken (int32 scalar).
-    generator_params: The generator's parameters.
-    generator_state: Its other variable collections (BatchNorm statistics).
-    generator_opt_state: The generator optimiser's state.
-    student_params: The student's parameters.
-    student_state: The student's mutable state.
-    student_opt_state: The student optimiser's state.
-    rng: PRNG key data; step ``s`` draws from ``fold_in(rng, s)``.
-    teachers: The teacher group's ``TeacherVariables``; never optimised.
-  """
-
-  step: jax.Array
-  generator_params: PyTree
-  generator_state: PyTree
-  generator_opt_state: PyTree
-  student_params: PyTree
-  student_state: PyTree
-  student_opt_state: PyTree
-  rng: jax.Array
-  teachers: teachers_lib.TeacherVariables
+_WEIGHTS = ("bn_weight", "one_hot_weight", "activation_weight",
+            "entropy_weight", "adversarial_weight")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -291,15 +156,24 @@ class DataFreeDistillation:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    if isinstance(self.temperature, (int, float)) and self.temperature <= 0:
-      raise ValueError(
-          f"`temperature` must be > 0, got {self.temperature!r}."
+    for name in _WEIGHTS:
+      objective.check_hyperparameter(
+          "DataFreeDistillation", name, getattr(self, name), "weight"
       )
-    for name in ("bn_weight", "one_hot_weight", "activation_weight",
-                 "entropy_weight", "adversarial_weight"):
-      value = getattr(self, name)
-      if isinstance(value, (int, float)) and value < 0:
-        raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+    if not isinstance(self.teacher, teachers_lib.TeacherGroup):
+      raise TypeError(
+          "`teacher` must be a jaxkd.teachers.TeacherGroup, got"
+          f" {type(self.teacher).__name__}."
+      )
+    # The student's half: the engine's own distillation, fed the generated
+    # images and the teachers' logits as a cached batch.
+    object.__setattr__(self, "distillation", train_step.Distillation(
+        student=self.student,
+        objective=[objective.LogitTerm(
+            losses.kd_loss, temperature=self.temperature, name="kd")],
+        optimizer=self.student_optimizer,
+        teachers=(self.teacher,),
+    ))
 
   def _uses(self, weight) -> bool:
     """Whether a term is on (a schedule always is)."""
@@ -346,8 +220,7 @@ class DataFreeDistillation:
     # the images are differentiated.
     params = jax.lax.stop_gradient(variables.params)
     state = jax.lax.stop_gradient(variables.state)
-    # pylint: disable-next=protected-access
-    strategy = teachers_lib._resolve_strategy(self.teacher.strategy)
+    strategy = teachers_lib.resolve_strategy(self.teacher.strategy)
     if strategy == "vmap":
       out = jax.vmap(one_teacher, in_axes=(0, 0, None))(params, state, images)
     elif strategy == "scan":
@@ -366,21 +239,14 @@ class DataFreeDistillation:
 
   # -- Losses ----------------------------------------------------------------
 
-  def _teacher_target(self, teacher_logits, temperature):
-    """``[B, C]`` logits whose softmax at ``temperature`` is the ensemble."""
-    if teacher_logits.shape[0] == 1:
-      return teacher_logits[0]
-    return temperature * losses.ensemble_log_soft_targets(
-        teacher_logits, temperature=temperature
-    )
-
   def _generator_loss(self, generator_params, state, noise, student_key):
+    generator_state = state.model_state[GENERATOR]["state"]
     images, new_generator_state = self.generator.apply(
-        {"params": generator_params, **state.generator_state},
-        noise, train=True, mutable=list(state.generator_state),
+        {"params": generator_params, **generator_state},
+        noise, train=True, mutable=list(generator_state),
     )
     logits, feature, bn_loss, num_layers = self.teacher_forward(
-        state.teachers, images
+        state.teachers[0], images
     )
     logits = logits.astype(jnp.float32)
     step = state.step
@@ -417,76 +283,48 @@ class DataFreeDistillation:
     aux = (images, dict(new_generator_state), logits, parts, num_layers)
     return total, aux
 
-  def _student_loss(self, student_params, state, images, teacher_logits,
-                    key):
-    logits, _, new_student_state = self.student.apply(
-        student_params, state.student_state, images, train=True, rng=key
-    )
-    logits = logits.astype(jnp.float32)
-    temperature = objective.resolve(self.temperature, state.step)
-    target = self._teacher_target(teacher_logits, temperature)
-    loss = jnp.mean(losses.kd_loss(logits, target, temperature=temperature))
-    # The plain KL to the teachers' ensemble at T = 1, for monitoring.
-    kl = jnp.mean(losses.kl_divergence(
-        logits, losses.ensemble_log_soft_targets(teacher_logits)
-    ))
-    return loss, (new_student_state, kl, logits)
-
   # -- The step --------------------------------------------------------------
 
-  def _step(self, state: DataFreeState) -> tuple[DataFreeState, dict]:
+  def _step(self, state: DistillState) -> tuple[DistillState, dict]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    noise_key, adversary_key, student_key = jax.random.split(key, 3)
+    # The engine's step draws from `key` itself; the generator's side from
+    # keys folded apart from it.
+    noise_key, adversary_key = jax.random.split(jax.random.fold_in(key, 2))
     noise = jax.random.normal(
         noise_key, (self.batch_size, self.noise_dim), jnp.float32
     )
+    generator = state.model_state[GENERATOR]
     (generator_loss, aux), generator_grads = jax.value_and_grad(
         self._generator_loss, has_aux=True
-    )(state.generator_params, state, noise, adversary_key)
+    )(generator["params"], state, noise, adversary_key)
     images, generator_state, teacher_logits, parts, num_layers = aux
-    # The student learns on the same images, as constants: no gradient of
-    # its loss reaches the generator.
-    images = jax.lax.stop_gradient(images)
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    (student_loss, (student_state, kl, student_logits)), student_grads = (
-        jax.value_and_grad(self._student_loss, has_aux=True)(
-            state.student_params, state, images, teacher_logits, student_key
-        )
-    )
     # Optax's adam family mixes dtypes in its bias correction.
     with jax.numpy_dtype_promotion("standard"):
       updates, generator_opt_state = self.generator_optimizer.update(
-          generator_grads, state.generator_opt_state, state.generator_params
+          generator_grads, generator["opt_state"], generator["params"]
       )
-      generator_params = optax.apply_updates(state.generator_params, updates)
-      updates, student_opt_state = self.student_optimizer.update(
-          student_grads, state.student_opt_state, state.student_params
-      )
-      student_params = optax.apply_updates(state.student_params, updates)
-    ensemble = jnp.argmax(
-        losses.ensemble_log_soft_targets(teacher_logits), axis=-1
-    )
+      generator_params = optax.apply_updates(generator["params"], updates)
+    # The student learns on the same images, as constants: no gradient of
+    # its loss reaches the generator; the teachers' logits are reused.
+    batch = {
+        "image": jax.lax.stop_gradient(images),
+        "teacher_logits": jax.lax.stop_gradient(teacher_logits),
+    }
+    # pylint: disable-next=protected-access
+    state, metrics = self.distillation._train_step(state, batch)
+    model_state = dict(state.model_state)
+    model_state[GENERATOR] = {
+        "params": generator_params,
+        "state": generator_state,
+        "opt_state": generator_opt_state,
+    }
     metrics = {
+        **metrics,
         "generator_loss": generator_loss,
-        "student_loss": student_loss,
-        "student_kl": kl,
-        "teacher_agreement": jnp.mean(
-            (jnp.argmax(student_logits, axis=-1) == ensemble).astype(
-                jnp.float32)
-        ),
         "bn_layers": jnp.asarray(num_layers, jnp.int32),
         **{f"generator/{name}": value for name, value in parts.items()},
     }
-    new_state = state.replace(
-        step=state.step + 1,
-        generator_params=generator_params,
-        generator_state=generator_state,
-        generator_opt_state=generator_opt_state,
-        student_params=student_params,
-        student_state=student_state,
-        student_opt_state=student_opt_state,
-    )
-    return new_state, metrics
+    return state.replace(model_state=model_state), metrics
 
   # -- Initialisation and generation ----------------------------------------
 
@@ -495,7 +333,7 @@ class DataFreeDistillation:
       key: jax.Array,
       teacher_variables: teachers_lib.TeacherVariables,
       sample_image_shape: Sequence[int],
-  ) -> DataFreeState:
+  ) -> DistillState:
     """Builds the first state and checks the whole step on abstract values.
 
     Args:
@@ -506,7 +344,8 @@ class DataFreeDistillation:
         models (without the batch axis).
 
     Returns:
-      The initial :class:`DataFreeState`.
+      The initial :class:`jaxkd.DistillState`, the generator in
+      ``model_state["generator"]``.
 
     Raises:
       ValueError: When the generator's images do not have
@@ -520,7 +359,7 @@ class DataFreeDistillation:
           f" {type(teacher_variables).__name__}."
       )
     image_shape = tuple(int(d) for d in sample_image_shape)
-    generator_key, student_key, rng_key = jax.random.split(key, 3)
+    generator_key, student_key = jax.random.split(key)
     noise = jnp.zeros((self.batch_size, self.noise_dim), jnp.float32)
     variables = dict(self.generator.init(generator_key, noise, train=False))
     generator_params = variables.pop("params")
@@ -534,46 +373,34 @@ class DataFreeDistillation:
           f"The generator makes images of shape {tuple(generated.shape)}, but"
           f" `sample_image_shape` asks for {expected} (batch first)."
       )
-    images = jnp.zeros(expected, jnp.float32)
-    student_params, student_state = self.student.init(student_key, images)
-    state = DataFreeState(
-        step=jnp.zeros((), jnp.int32),
-        generator_params=generator_params,
-        generator_state=variables,
-        generator_opt_state=self.generator_optimizer.init(generator_params),
-        student_params=student_params,
-        student_state=student_state,
-        student_opt_state=self.student_optimizer.init(student_params),
-        rng=jax.random.key_data(rng_key),
-        teachers=state_lib.own_copy(teacher_variables),
+    sample = {"image": jnp.zeros(expected, jnp.float32)}
+    state = self.distillation.initial_state(
+        student_key, sample, (teacher_variables,), None
     )
-    student_logits = jax.eval_shape(
-        lambda s: self.student.apply(
-            s.student_params, s.student_state, images, train=False, rng=None
-        )[0],
-        state,
-    )
-    teacher_logits = jax.eval_shape(
-        lambda v: teachers_lib.apply_teachers(self.teacher, v, images).logits,
-        teacher_variables,
-    )
-    teachers_lib.check_same_classes(teacher_logits, student_logits)
+    model_state = dict(state.model_state)
+    model_state[GENERATOR] = {
+        "params": generator_params,
+        "state": variables,
+        "opt_state": self.generator_optimizer.init(generator_params),
+    }
+    state = state.replace(model_state=model_state)
     # Trace one step abstractly: errors surface now, not at step 1.
     jax.eval_shape(self._step, state)
     return state
 
   def generate(
-      self, state: DataFreeState, noise: jax.Array, *, train: bool = False
+      self, state: DistillState, noise: jax.Array, *, train: bool = False
   ) -> jax.Array:
     """Images of the current generator for ``noise`` ``[N, noise_dim]``.
 
     ``train=True`` normalises with the batch's statistics (as in training)
     without updating the state; ``False`` uses the running statistics.
     """
-    variables = {"params": state.generator_params, **state.generator_state}
-    if train and state.generator_state:
+    generator = state.model_state[GENERATOR]
+    variables = {"params": generator["params"], **generator["state"]}
+    if train and generator["state"]:
       images, _ = self.generator.apply(
-          variables, noise, train=True, mutable=list(state.generator_state)
+          variables, noise, train=True, mutable=list(generator["state"])
       )
       return images
     return self.generator.apply(variables, noise, train=train)
@@ -581,17 +408,17 @@ class DataFreeDistillation:
 
 def make_data_free_step(
     distillation: DataFreeDistillation, *, donate: bool = True
-) -> Callable[[DataFreeState], tuple[DataFreeState, dict]]:
+) -> Callable[[DistillState], tuple[DistillState, dict]]:
   """The jitted step ``state -> (state, metrics)``; it takes no data.
 
-  Metrics: ``generator_loss`` and its parts (``generator/bn_statistics``,
-  ``generator/one_hot``, ``generator/information_entropy``,
-  ``generator/activation``, ``generator/discrepancy``), ``bn_layers`` (the
-  number of teacher BatchNorm layers in the DeepInversion sum),
-  ``student_loss`` (the student's ``kd_loss``), ``student_kl`` (KL at
-  ``T = 1`` from the teachers' ensemble to the student) and
-  ``teacher_agreement``, all measured on the step's generated images before
-  the updates. The state is donated unless ``donate=False``.
+  Metrics: the engine's (``loss``, ``loss/kd``, ``teacher_agreement``,
+  ``grad_norm``, ``nonfinite``) for the student, and ``generator_loss`` and
+  its parts (``generator/bn_statistics``, ``generator/one_hot``,
+  ``generator/information_entropy``, ``generator/activation``,
+  ``generator/discrepancy``) and ``bn_layers`` (the number of teacher
+  BatchNorm layers in the DeepInversion sum), all measured on the step's
+  generated images before the updates. The state is donated unless
+  ``donate=False``.
   """
   return jax.jit(
       distillation._step,  # pylint: disable=protected-access

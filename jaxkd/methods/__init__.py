@@ -1,0 +1,24 @@
+"""Distillation methods built on the one engine.
+
+* ``adversarial``: :class:`~jaxkd.methods.adversarial.AdversarialTerm`, an
+  objective term with a discriminator trained by the term's ``update`` hook;
+* ``mutual``: deep mutual learning as a :class:`jaxkd.Distillation` whose
+  student is a group of peers;
+* ``data_free``: a generator trained against the teachers, and the engine's
+  own step distilling the student on what it makes.
+
+Each is imported on first use (``jaxkd.methods.mutual``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["adversarial", "data_free", "mutual"]
+
+
+def __getattr__(name: str) -> Any:
+  if name in __all__:
+    return importlib.import_module(f"jaxkd.methods.{name}")
+  raise AttributeError(f"module 'jaxkd.methods' has no attribute {name!r}")
