@@ -1,11 +1,22 @@
-"""Temperature and loss-weight schedules, and an adaptive weight controller.
+"""What optax's schedules lack: an adaptive weight and a temperature grid.
 
-Every schedule is an optax-style ``step -> value`` callable: it can be called
-inside ``jax.jit`` with a traced integer ``step`` and returns a float32 array
-of the step's shape (a scalar for a scalar step). The unit of ``step`` is
-whatever the caller counts (optimizer steps or epochs); the hyper-parameters
-that count steps are in the same unit. Hyper-parameters are checked when the
-schedule is built, so a bad value fails before anything is traced.
+Temperatures and loss weights that follow a fixed schedule are optax
+schedules, passed wherever a term takes a weight or a temperature (the
+engine checks them when the term is built, at steps 0, 1, 10, ..., 10**6)::
+
+  optax.constant_schedule(4.0)
+  optax.linear_schedule(8.0, 2.0, transition_steps=1000)     # anneal
+  optax.linear_schedule(0.0, 1.0, transition_steps=20)       # DKD's warm-up
+  optax.cosine_decay_schedule(8.0, 1000, alpha=2.0 / 8.0)    # 8 -> 2
+  optax.exponential_decay(4.0, 1000, 0.5, staircase=True, end_value=1.0)
+
+This module adds what optax does not have:
+
+* :class:`AdaptiveAlpha`, a controller that moves the soft-target weight when
+  the validation metric stops improving (a state machine of evaluation
+  results, not a function of the step);
+* :func:`temperature_grid_loss`, the KD loss at several temperatures in one
+  vmapped call.
 
 This module imports nothing from the rest of :mod:`jaxkd`.
 """
@@ -16,6 +27,8 @@ import dataclasses
 import math
 import numbers
 from typing import Any, Callable, NamedTuple
+
+__all__ = ["AdaptiveAlpha", "AdaptiveAlphaState", "temperature_grid_loss"]
 
 import jax
 import jax.numpy as jnp
@@ -58,301 +71,6 @@ def _as_count(name: str, value: Any, *, minimum: int) -> int:
     relation = "> 0" if minimum == 1 else f">= {minimum}"
     raise ValueError(f"`{name}` must be {relation}, got {value!r}.")
   return int(value)
-
-
-def _step_array(step: ArrayLike) -> Array:
-  """Checks ``step`` (trace time, on its dtype) and returns it as an array."""
-  step = jnp.asarray(step)
-  if not (
-      jnp.issubdtype(step.dtype, jnp.integer)
-      or jnp.issubdtype(step.dtype, jnp.floating)
-  ):
-    raise TypeError(
-        f"`step` must be an integer or floating count, got dtype {step.dtype}."
-    )
-  return step
-
-
-def _progress(
-    step: ArrayLike, transition_begin: int, transition_steps: int
-) -> Array:
-  """Fraction of the transition done at ``step``, in ``[0, 1]`` (float32)."""
-  step = _step_array(step).astype(jnp.float32)
-  return jnp.clip((step - transition_begin) / transition_steps, 0.0, 1.0)
-
-
-def constant(value: float) -> Schedule:
-  r"""A schedule that returns ``value`` at every step.
-
-  .. math::
-    v(t) = v_0
-
-  Useful where an API expects a schedule but the value is fixed (a fixed
-  temperature or loss weight).
-
-  Args:
-    value: The value, a finite real number.
-
-  Returns:
-    A callable ``step -> value`` returning a float32 array of the shape of
-    ``step``.
-
-  Examples:
-    >>> from jaxkd import schedules
-    >>> schedule = schedules.constant(4.0)
-    >>> print(schedule(0), schedule(1000))
-    4.0 4.0
-
-  .. versionadded:: 0.1.0
-  """
-  value = _as_real("value", value)
-
-  def schedule(step: ArrayLike) -> Array:
-    step = _step_array(step)
-    return jnp.full(step.shape, value, jnp.float32)
-
-  return schedule
-
-
-def exponential_decay_with_floor(
-    init_value: float,
-    *,
-    decay_rate: float = 0.95,
-    steps_per_decay: int = 5,
-    floor: float = 0.1,
-) -> Schedule:
-  r"""Staircase exponential decay that never goes below ``floor``.
-
-  .. math::
-    v(t) = \max\!\big(v_0 \, r^{\lfloor t / s \rfloor},\ v_{\min}\big)
-
-  with :math:`v_0` = ``init_value``, :math:`r` = ``decay_rate``, :math:`s` =
-  ``steps_per_decay`` and :math:`v_{\min}` = ``floor``. With the defaults and
-  ``step`` counted in epochs this is the temperature annealing
-  ":math:`T \leftarrow 0.95\,T` every 5 epochs, never below 0.1". The unit of
-  ``step`` (epochs or optimizer steps) is the caller's choice; negative steps
-  are treated as step 0.
-
-  Args:
-    init_value: The value at step 0, :math:`\geq` ``floor``.
-    decay_rate: Factor applied every ``steps_per_decay`` steps, in ``(0, 1]``.
-    steps_per_decay: Number of steps between two decays, a positive int.
-    floor: The smallest value returned, :math:`\geq 0`.
-
-  Returns:
-    A callable ``step -> value`` returning a float32 array of the shape of
-    ``step``.
-
-  Raises:
-    ValueError: ``decay_rate`` outside ``(0, 1]``, ``steps_per_decay < 1``,
-      ``floor < 0`` or ``init_value < floor``.
-
-  Examples:
-    >>> from jaxkd import schedules
-    >>> temperature = schedules.exponential_decay_with_floor(4.0)
-    >>> print(temperature(4), temperature(5), temperature(10), temperature(999))
-    4.0 3.8 3.61 0.1
-
-  References:
-    Hinton, Vinyals and Dean, `Distilling the Knowledge in a Neural Network
-    <https://arxiv.org/abs/1503.02531>`_, 2015 (the temperature).
-
-  .. seealso:: :func:`linear_anneal`, :func:`cosine_anneal`.
-
-  .. versionadded:: 0.1.0
-  """
-  init_value = _as_real("init_value", init_value)
-  decay_rate = _as_real("decay_rate", decay_rate)
-  steps_per_decay = _as_count("steps_per_decay", steps_per_decay, minimum=1)
-  floor = _as_real("floor", floor)
-  if not 0.0 < decay_rate <= 1.0:
-    raise ValueError(f"`decay_rate` must lie in (0, 1], got {decay_rate!r}.")
-  if floor < 0.0:
-    raise ValueError(f"`floor` must be >= 0, got {floor!r}.")
-  if init_value < floor:
-    raise ValueError(
-        f"`init_value` ({init_value!r}) must be >= `floor` ({floor!r})."
-    )
-
-  def schedule(step: ArrayLike) -> Array:
-    step = _step_array(step)
-    if jnp.issubdtype(step.dtype, jnp.integer):
-      # Integer division keeps the staircase exact for any step count.
-      num_decays = jnp.floor_divide(step, steps_per_decay)
-    else:
-      num_decays = jnp.floor(step / steps_per_decay)
-    num_decays = jnp.maximum(num_decays, 0).astype(jnp.float32)
-    value = jnp.float32(init_value) * jnp.power(
-        jnp.float32(decay_rate), num_decays
-    )
-    return jnp.maximum(value, jnp.float32(floor))
-
-  return schedule
-
-
-def linear_anneal(
-    init_value: float,
-    end_value: float,
-    *,
-    transition_steps: int,
-    transition_begin: int = 0,
-) -> Schedule:
-  r"""Linear interpolation from ``init_value`` to ``end_value``, then constant.
-
-  .. math::
-    v(t) = v_0 + (v_1 - v_0)\,\rho(t), \qquad
-    \rho(t) = \mathrm{clip}\!\Big(\frac{t - t_0}{n}, 0, 1\Big)
-
-  with :math:`t_0` = ``transition_begin`` and :math:`n` =
-  ``transition_steps``. The value is exactly ``init_value`` up to
-  :math:`t_0`, exactly ``end_value`` from :math:`t_0 + n` on, and monotone in
-  between. Either direction works: a temperature annealed from high to low, or
-  a loss weight raised.
-
-  Args:
-    init_value: The value up to ``transition_begin``.
-    end_value: The value from ``transition_begin + transition_steps`` on.
-    transition_steps: Length of the ramp, a positive int.
-    transition_begin: Step at which the ramp starts, an int :math:`\geq 0`.
-
-  Returns:
-    A callable ``step -> value`` returning a float32 array of the shape of
-    ``step``.
-
-  Examples:
-    >>> from jaxkd import schedules
-    >>> temperature = schedules.linear_anneal(8.0, 2.0, transition_steps=6)
-    >>> print(temperature(0), temperature(3), temperature(6), temperature(60))
-    8.0 5.0 2.0 2.0
-
-  .. seealso:: :func:`cosine_anneal`, :func:`linear_warmup`.
-
-  .. versionadded:: 0.1.0
-  """
-  init_value = _as_real("init_value", init_value)
-  end_value = _as_real("end_value", end_value)
-  transition_steps = _as_count("transition_steps", transition_steps, minimum=1)
-  transition_begin = _as_count("transition_begin", transition_begin, minimum=0)
-  low, high = min(init_value, end_value), max(init_value, end_value)
-
-  def schedule(step: ArrayLike) -> Array:
-    progress = _progress(step, transition_begin, transition_steps)
-    start = jnp.float32(init_value)
-    value = start + (jnp.float32(end_value) - start) * progress
-    # ``v0 + (v1 - v0) * 1`` may miss ``v1`` by a rounding error: pin both
-    # ends. The clip keeps the (monotone) ramp inside [low, high].
-    value = jnp.where(progress >= 1.0, jnp.float32(end_value), value)
-    return jnp.clip(value, jnp.float32(low), jnp.float32(high))
-
-  return schedule
-
-
-def cosine_anneal(
-    init_value: float,
-    end_value: float,
-    *,
-    transition_steps: int,
-    transition_begin: int = 0,
-) -> Schedule:
-  r"""Half-cosine interpolation from ``init_value`` to ``end_value``.
-
-  .. math::
-    v(t) = v_1 + (v_0 - v_1)\,\frac{1 + \cos(\pi \rho(t))}{2}, \qquad
-    \rho(t) = \mathrm{clip}\!\Big(\frac{t - t_0}{n}, 0, 1\Big)
-
-  with :math:`t_0` = ``transition_begin`` and :math:`n` =
-  ``transition_steps``. Compared with :func:`linear_anneal` the value moves
-  slowly at both ends of the ramp and fastest in its middle. It is exactly
-  ``init_value`` up to :math:`t_0` and exactly ``end_value`` from
-  :math:`t_0 + n` on; either direction works.
-
-  Args:
-    init_value: The value up to ``transition_begin``.
-    end_value: The value from ``transition_begin + transition_steps`` on.
-    transition_steps: Length of the ramp, a positive int.
-    transition_begin: Step at which the ramp starts, an int :math:`\geq 0`.
-
-  Returns:
-    A callable ``step -> value`` returning a float32 array of the shape of
-    ``step``.
-
-  Examples:
-    >>> from jaxkd import schedules
-    >>> temperature = schedules.cosine_anneal(8.0, 2.0, transition_steps=6)
-    >>> print(temperature(0), temperature(3), temperature(6), temperature(60))
-    8.0 5.0 2.0 2.0
-
-  References:
-    Loshchilov and Hutter, `SGDR: Stochastic Gradient Descent with Warm
-    Restarts <https://arxiv.org/abs/1608.03983>`_, 2017 (the cosine shape).
-
-  .. seealso:: :func:`linear_anneal`.
-
-  .. versionadded:: 0.1.0
-  """
-  init_value = _as_real("init_value", init_value)
-  end_value = _as_real("end_value", end_value)
-  transition_steps = _as_count("transition_steps", transition_steps, minimum=1)
-  transition_begin = _as_count("transition_begin", transition_begin, minimum=0)
-  low, high = min(init_value, end_value), max(init_value, end_value)
-
-  def schedule(step: ArrayLike) -> Array:
-    progress = _progress(step, transition_begin, transition_steps)
-    end = jnp.float32(end_value)
-    weight = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    value = end + (jnp.float32(init_value) - end) * weight
-    # Pin both ends exactly (float32 cos(pi) need not be -1 to the last bit)
-    # and keep rounding from stepping outside [low, high].
-    value = jnp.where(progress <= 0.0, jnp.float32(init_value), value)
-    value = jnp.where(progress >= 1.0, end, value)
-    return jnp.clip(value, jnp.float32(low), jnp.float32(high))
-
-  return schedule
-
-
-def linear_warmup(
-    peak_value: float,
-    *,
-    warmup_steps: int,
-    init_value: float = 0.0,
-) -> Schedule:
-  r"""Linear ramp from ``init_value`` to ``peak_value``, then constant.
-
-  .. math::
-    v(t) = v_0 + (v_{\max} - v_0)\,\min\!\Big(\frac{\max(t, 0)}{n}, 1\Big)
-
-  with :math:`n` = ``warmup_steps``. Used to bring a distillation loss in
-  gradually: decoupled KD ramps its loss weight in over the first 20 epochs,
-  ``weight = min(epoch / 20, 1)``, which is
-  ``linear_warmup(1.0, warmup_steps=20)`` with ``step`` counted in epochs.
-  Equivalent to ``linear_anneal(init_value, peak_value,
-  transition_steps=warmup_steps)``.
-
-  Args:
-    peak_value: The value from ``warmup_steps`` on.
-    warmup_steps: Length of the ramp, a positive int.
-    init_value: The value at step 0.
-
-  Returns:
-    A callable ``step -> value`` returning a float32 array of the shape of
-    ``step``.
-
-  Examples:
-    >>> from jaxkd import schedules
-    >>> weight = schedules.linear_warmup(1.0, warmup_steps=20)
-    >>> print(weight(0), weight(5), weight(20), weight(100))
-    0.0 0.25 1.0 1.0
-
-  References:
-    Zhao, Cui, Song, Qiu and Liang, `Decoupled Knowledge Distillation
-    <https://arxiv.org/abs/2203.08679>`_, 2022.
-
-  .. versionadded:: 0.1.0
-  """
-  peak_value = _as_real("peak_value", peak_value)
-  init_value = _as_real("init_value", init_value)
-  warmup_steps = _as_count("warmup_steps", warmup_steps, minimum=1)
-  return linear_anneal(init_value, peak_value, transition_steps=warmup_steps)
 
 
 class AdaptiveAlphaState(NamedTuple):
