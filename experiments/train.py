@@ -39,13 +39,14 @@ import optax
 from experiments import input_pipeline
 from experiments import loop as loop_lib
 from experiments import methods as methods_lib
-from experiments import model_zoo
+from experiments import model_checks
 from experiments import writers
 from jaxkd import checkpoint as checkpoint_lib
 from jaxkd.methods import data_free as data_free_lib
 from jaxkd import objective
 from jaxkd import sharding
 from jaxkd import teachers as teachers_lib
+from jaxkd import models
 from jaxkd.models import Model
 from jaxkd.state import DistillState
 from jaxkd.train_step import Distillation
@@ -105,8 +106,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   if mode == "sweep" and any(t <= 0 for t in config.sweep.temperatures):
     raise ValueError(
         f"`sweep.temperatures` must be > 0, got {config.sweep.temperatures}.")
-  model_zoo.check_name(config.student.model)
-  model_zoo.check_name(config.teacher.model)
+  models.check_name(config.student.model)
+  models.check_name(config.teacher.model)
   _check_choice("nonfinite", config.nonfinite, NONFINITE_MODES)
   _check_optimizer("optimizer", config.optimizer)
   _check_optimizer("teacher.optimizer", config.teacher.optimizer)
@@ -213,7 +214,7 @@ class Context:
     context = cls(config=config, workdir=pathlib.Path(workdir), data=data)
     for role in ("student", "teacher"):
       model = context.model(config[role].model)
-      model_zoo.check_input_shape(
+      model_checks.check_input_shape(
           model, data.image_shape,
           where=f"`{role}.model` on data set {data.spec.name!r}")
     if config.data_parallel and jax.device_count() > 1:
@@ -234,7 +235,7 @@ class Context:
     return self._cache[key]
 
   def model(self, name: str) -> Model:
-    return self.cached(("model", name), lambda: model_zoo.create(
+    return self.cached(("model", name), lambda: models.create(
         name, num_classes=self.data.num_classes))
 
   def group(self, model_name: str) -> teachers_lib.TeacherGroup:
@@ -400,7 +401,7 @@ def teacher_epochs(config) -> int:
 def _run_result(*, role, name, method, model_name, seed, params,
                 history) -> dict:
   return {"role": role, "run": name, "method": method, "model": model_name,
-          "seed": seed, "params": model_zoo.count_params(params),
+          "seed": seed, "params": model_checks.count_params(params),
           **loop_lib.summarize_history(history)}
 
 
@@ -470,7 +471,7 @@ def get_teachers(ctx: Context, seed: int, num_teachers: int) -> Teachers:
     variables = checkpoint_lib.load_teachers(directory, config.teacher.load)
     first, first_state = _host_map(lambda x: x[0],
                                    (variables.params, variables.state))
-    model_zoo.check_input_shape(
+    model_checks.check_input_shape(
         group.model, ctx.data.image_shape, params=first, state=first_state,
         where=(f"Teachers {config.teacher.load!r} loaded from {directory}"
                f" on data set {ctx.data.spec.name!r}"))
@@ -482,7 +483,7 @@ def get_teachers(ctx: Context, seed: int, num_teachers: int) -> Teachers:
     accuracies = evaluate_teachers(ctx, group, variables)
     results = [{"role": "teacher", "run": f"loaded {config.teacher.load}",
                 "method": "labels", "model": model_name, "seed": seed,
-                "params": model_zoo.count_params(first),
+                "params": model_checks.count_params(first),
                 "best_accuracy": accuracy, "last_accuracy": accuracy,
                 "best_epoch": 0, "epochs": 0, "steps": 0}
                for accuracy in accuracies]

@@ -16,13 +16,14 @@ import pytest
 from experiments import loop
 from experiments import main as main_lib
 from experiments import methods
-from experiments import model_zoo
+from experiments import model_checks
 from experiments import pipeline
 from experiments import train
 from experiments import writers
 from experiments.configs import common
 from jaxkd import checkpoint
 from jaxkd import data
+from jaxkd import models
 from jaxkd import teachers as teachers_lib
 from tools import results_readme
 
@@ -101,7 +102,7 @@ LOAD_TEACHER = ("cifar100_resnet32x4_resnet8x4", "cifar100_wrn40_2_wrn16_2",
 
 
 def _save_random_teacher(config, workdir, image_shape, num_classes):
-  model = model_zoo.create(config.teacher.model, num_classes=num_classes)
+  model = models.create(config.teacher.model, num_classes=num_classes)
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1,) + image_shape,
                                                np.float32))
@@ -374,7 +375,7 @@ def test_main_trains_one_student(data_dir, tmp_path, capsys, monkeypatch):
 
 def test_images_the_model_does_not_take(data_dir, tmp_path, monkeypatch):
   """Teachers saved for 8x8 digits, loaded for 28x28 MNIST."""
-  model = model_zoo.create("hinton_teacher", num_classes=10)
+  model = models.create("hinton_teacher", num_classes=10)
   params, state = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1)))
   _, variables = teachers_lib.TeacherGroup.create(model, [params], [state])
   checkpoint.save_teachers(tmp_path, "digits_teacher", variables)

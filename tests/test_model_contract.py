@@ -207,3 +207,37 @@ def test_linen_model_without_state():
   assert state == {} and new_state == {} and features == {}
   assert logits.shape == (1, 2)
   assert repr(model) == "Model('plain')"
+
+
+def test_linen_module_without_a_train_argument():
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  model = from_linen(Plain())
+  x = jnp.ones((2, 4, 4, 1))
+  params, state = model.init(jax.random.key(0), x)
+  assert state == {}
+  for train in (False, True):
+    logits, features, new_state = model.apply(params, state, x, train=train)
+    assert logits.shape == (2, 3) and features == {} and new_state == {}
+  with pytest.raises(TypeError, match="from_nnx"):
+    from_linen(lambda x: x)
+
+
+def test_registry_builds_imagenet_resnets_and_mlps_by_name():
+  from jaxkd import models  # pylint: disable=g-import-not-at-top
+  def count(name, shape, classes):
+    params, _ = jax.eval_shape(models.create(name, num_classes=classes).init,
+                               jax.random.key(0), jnp.zeros(shape))
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  # torchvision's counts with 1,000 classes.
+  assert count("resnet18", (1, 224, 224, 3), 1000) == 11_689_512
+  assert count("resnet34", (1, 224, 224, 3), 1000) == 21_797_672
+  # 784-300-10 and 784-800-800-10, written out.
+  assert count("mlp_300", (1, 28, 28, 1), 10) == 784 * 300 + 300 + 3010
+  assert count("mlp_800_800", (1, 28, 28, 1), 10) == (
+      784 * 800 + 800 + 800 * 800 + 800 + 8010)
+  with pytest.raises(ValueError, match="mlp_<width>"):
+    models.create("mlp_", num_classes=10)

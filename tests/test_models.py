@@ -164,6 +164,10 @@ EXPECTED_PARAMS = {
     "hinton_teacher": mlp_count((1200, 1200), NUM_CLASSES),
     "hinton_student": mlp_count((800, 800), NUM_CLASSES),
     "vit_tiny": vit_count(32, 3, 4, 192, 12, 768, NUM_CLASSES),
+    # torchvision's 11,689,512 and 21,797,672 at 1,000 classes, less the
+    # 512 x 1000 + 1000 classifier, plus this one.
+    "resnet18": 11_689_512 - 513 * 1000 + 513 * NUM_CLASSES,
+    "resnet34": 21_797_672 - 513 * 1000 + 513 * NUM_CLASSES,
 }
 
 # Channels of ("stem", "stage1", ...) and of the embedding; 32x32 inputs.
@@ -204,6 +208,10 @@ EXPECTED_FEATURES = {
     "hinton_teacher": {"stage1": (2, 1200), "stage2": (2, 1200)},
     "hinton_student": {"stage1": (2, 800), "stage2": (2, 800)},
     "vit_tiny": {f"stage{i}": (2, 65, 192) for i in range(1, 13)},
+    # Stride-2 stem, max pool, then stages at strides 4, 8, 16, 32.
+    **{name: {"stem": (2, 16, 16, 64), "stage1": (2, 8, 8, 64),
+              "stage2": (2, 4, 4, 128), "stage3": (2, 2, 2, 256),
+              "stage4": (2, 1, 1, 512)} for name in ("resnet18", "resnet34")},
 }
 EMBEDDING_DIM = {
     **{n: 64 for n in ("resnet8", "resnet14", "resnet20", "resnet32",
@@ -212,7 +220,7 @@ EMBEDDING_DIM = {
     "resnet8x4": 256, "resnet32x4": 256, "wrn_16_2": 128, "wrn_40_2": 128,
     "vgg8": 512, "vgg11": 512, "vgg13": 512, "mobile_half": 1280,
     "shufflev2": 1024, "hinton_teacher": 1200, "hinton_student": 800,
-    "vit_tiny": 192,
+    "vit_tiny": 192, "resnet18": 512, "resnet34": 512,
 }
 
 

@@ -11,8 +11,8 @@ pretrained ResNet-34 and ResNet-18), KD 70.66 (Tian et al., ICLR 2020,
 Table 3) and 71.03 (KD re-run in Zhao et al., CVPR 2022, Table 3), DKD
 71.70 (ibid.).
 
-What is missing: the models are defined here (``experiments/
-imagenet_resnet.py``, torchvision's layout and parameter counts) but
+What is missing: the models are bundled (``jaxkd.models.create("resnet34")``,
+torchvision's layout and parameter counts) but
 torchvision's pretrained weights are not available without PyTorch, so the
 teacher is trained from scratch in the same run (100 epochs), or loaded
 with ``--config.teacher.load=<name>`` from ``<workdir>/teachers`` if you have

@@ -27,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import numbers
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -41,6 +42,9 @@ from jaxkd.models._mlp import MLP as MLP
 from jaxkd.models._mobilenetv2 import mobile_half as mobile_half
 from jaxkd.models._mobilenetv2 import MobileNetV2 as MobileNetV2
 from jaxkd.models._resnet_cifar import ResNet as ResNet
+from jaxkd.models._resnet_imagenet import ImageNetResNet as ImageNetResNet
+from jaxkd.models._resnet_imagenet import resnet18 as resnet18
+from jaxkd.models._resnet_imagenet import resnet34 as resnet34
 from jaxkd.models._resnet_cifar import resnet110 as resnet110
 from jaxkd.models._resnet_cifar import resnet14 as resnet14
 from jaxkd.models._resnet_cifar import resnet20 as resnet20
@@ -86,12 +90,38 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "hinton_teacher": hinton_teacher,
     "hinton_student": hinton_student,
     "vit_tiny": vit_tiny,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
 }
+
+# ``mlp_<w1>[_<w2>...]``: a ReLU MLP with those hidden widths, no dropout
+# (``mlp_300`` is 784-300-10 on MNIST).
+_MLP_NAME = re.compile(r"^mlp((?:_[1-9][0-9]*)+)$")
 
 
 def available() -> tuple[str, ...]:
-  """The names :func:`create` accepts, sorted."""
+  """The fixed names :func:`create` accepts, sorted.
+
+  Besides these, ``mlp_<width>[_<width>...]`` names an MLP of those hidden
+  widths (``mlp_300``, ``mlp_1200_1200``).
+  """
   return tuple(sorted(_REGISTRY))
+
+
+def check_name(name: str) -> str:
+  """Returns ``name`` if :func:`create` knows it, else raises ``ValueError``."""
+  if name in _REGISTRY or _MLP_NAME.match(str(name)):
+    return name
+  raise ValueError(
+      f"Unknown model name {name!r}; available: {', '.join(available())},"
+      " and mlp_<width>[_<width>...] (e.g. mlp_300, mlp_800_800)."
+  )
+
+
+def _mlp(widths: tuple[int, ...]) -> Callable[..., nn.Module]:
+  def make(*, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
+    return MLP(widths, num_classes=num_classes, dtype=dtype)
+  return make
 
 
 def create(name: str, *, num_classes: int, dtype: Any = jnp.float32) -> Model:
@@ -111,10 +141,7 @@ def create(name: str, *, num_classes: int, dtype: Any = jnp.float32) -> Model:
     ValueError: For an unknown ``name`` (the message lists the available
       names), a non-positive ``num_classes`` or a non-floating ``dtype``.
   """
-  if name not in _REGISTRY:
-    raise ValueError(
-        f"Unknown model name {name!r}; available: {', '.join(available())}."
-    )
+  check_name(name)
   if (
       isinstance(num_classes, bool)
       or not isinstance(num_classes, numbers.Integral)
@@ -134,5 +161,11 @@ def create(name: str, *, num_classes: int, dtype: Any = jnp.float32) -> Model:
         f"`dtype` must be a floating dtype (float32, bfloat16, ...), got"
         f" {dtype!r}."
     )
-  module = _REGISTRY[name](num_classes=int(num_classes), dtype=compute_dtype)
+  match = _MLP_NAME.match(name)
+  factory = (
+      _mlp(tuple(int(w) for w in match.group(1).strip("_").split("_")))
+      if match
+      else _REGISTRY[name]
+  )
+  module = factory(num_classes=int(num_classes), dtype=compute_dtype)
   return from_linen(module, name=name)

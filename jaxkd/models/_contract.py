@@ -18,6 +18,7 @@ over pytrees:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -52,11 +53,23 @@ def _split_linen_variables(variables: Mapping[str, Any]) -> tuple[Any, Any]:
   return params, variables
 
 
+def _takes_argument(fn: Callable[..., Any], name: str) -> bool:
+  try:
+    parameters = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return True  # Unknown: call it the documented way.
+  return name in parameters or any(
+      p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+  )
+
+
 def from_linen(module: nn.Module, *, name: str | None = None) -> Model:
   """Wraps a ``flax.linen`` module into the :class:`Model` contract.
 
   The module's ``__call__(x, train: bool)`` returns either ``logits`` or
-  ``(logits, features)`` with ``features`` a dict of arrays. Every variable
+  ``(logits, features)`` with ``features`` a dict of arrays. A module whose
+  ``__call__`` takes no ``train`` argument is called as ``module(x)`` in both
+  modes (it then has no train/eval difference of its own). Every variable
   collection other than ``"params"`` (``"batch_stats"``, ...) is the mutable
   state, updated when ``train`` is ``True``. ``rng`` feeds the ``"dropout"``
   stream.
@@ -69,10 +82,20 @@ def from_linen(module: nn.Module, *, name: str | None = None) -> Model:
     The wrapped :class:`Model`.
   """
 
+  if not isinstance(module, nn.Module):
+    raise TypeError(
+        "`module` must be a flax.linen Module (use `from_nnx` for an nnx"
+        f" module), got {type(module).__name__}."
+    )
+  takes_train = _takes_argument(module.__call__, "train")
+
+  def mode(train: bool) -> dict[str, bool]:
+    return {"train": train} if takes_train else {}
+
   def init(key: jax.Array, x: jax.Array) -> tuple[PyTree, PyTree]:
     params_key, dropout_key = jax.random.split(key)
     variables = module.init(
-        {"params": params_key, "dropout": dropout_key}, x, train=False
+        {"params": params_key, "dropout": dropout_key}, x, **mode(False)
     )
     return _split_linen_variables(variables)
 
@@ -81,11 +104,11 @@ def from_linen(module: nn.Module, *, name: str | None = None) -> Model:
     rngs = {"dropout": rng} if rng is not None else {}
     if train and state:
       out, new_state = module.apply(
-          variables, x, train=True, rngs=rngs, mutable=list(state)
+          variables, x, rngs=rngs, mutable=list(state), **mode(True)
       )
       new_state = dict(new_state)
     else:
-      out = module.apply(variables, x, train=train, rngs=rngs)
+      out = module.apply(variables, x, rngs=rngs, **mode(train))
       new_state = state
     logits, features = out if isinstance(out, tuple) else (out, {})
     return logits, dict(features), new_state
