@@ -12,5 +12,5 @@
 
 Each writes ``benchmarks/results/<name>.json`` and ``<name>.md`` (a table
 with the machine, the device, the versions, the command and the date);
-``python -m tools.bench_readme`` copies the tables into the README.
+``python -m tools.bench_readme --write`` copies the tables into the README.
 """

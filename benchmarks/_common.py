@@ -43,6 +43,8 @@ from jaxkd import teachers
 from jaxkd import train_step
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+# Where results go without --publish (relative to the working directory).
+WORK_DIR = pathlib.Path("runs") / "benchmarks"
 STRATEGIES = ("vmap", "scan", "unroll", "auto")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -89,8 +91,12 @@ def add_common_flags(parser, *, steps: int = 5, rounds: int = 2) -> None:
   parser.add_argument("--image_size", type=int, default=32,
                       help="Square image side (32: CIFAR).")
   parser.add_argument("--num_classes", type=int, default=100)
-  parser.add_argument("--out_dir", default=str(RESULTS_DIR),
+  parser.add_argument("--out_dir", default=str(WORK_DIR),
                       help="Where the JSON and Markdown results go.")
+  parser.add_argument("--publish", dest="out_dir", action="store_const",
+                      const=str(RESULTS_DIR),
+                      help="Write them to benchmarks/results/ (the committed"
+                      " results the README shows) instead.")
   parser.add_argument("--name", default=None,
                       help="Results file stem (default: the benchmark's).")
   parser.add_argument("--note", default="",

@@ -300,9 +300,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    print("PyTorch is not installed: pip install torch==2.13.0 (the `bench`"
-          " extra).", file=sys.stderr)
-    raise
+    raise SystemExit(
+        "benchmarks.torch_reference needs PyTorch, which is not installed:"
+        ' pip install -e ".[bench]" (torch==2.13.0, a CPU wheel for Python'
+        " 3.11; on 3.12 pip would fetch a multi-GB CUDA build).") from None
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
   torch_threads = torch.get_num_threads()

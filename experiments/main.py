@@ -13,7 +13,9 @@ in libraries that the tests import.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pathlib
 import shlex
 import sys
 
@@ -39,9 +41,14 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "pipeline", "compare", "sweep"],
     "What to run.")
-_RESULTS_DIR = flags.DEFINE_string(
-    "results_dir", str(pipeline.DEFAULT_RESULTS_DIR),
-    "Where pipeline/compare/sweep write <config name>.md and .json.")
+_PUBLISH = flags.DEFINE_bool(
+    "publish", False,
+    "Also write the pipeline/compare/sweep tables to experiments/results/"
+    " (the committed results the README shows). Without it, every output"
+    " stays under --workdir. Refused for :runlocal configs.")
+_LIST_CONFIG = flags.DEFINE_bool(
+    "list_config", False,
+    "Print every field of --config with its value and exit.")
 
 
 def main(argv):
@@ -50,6 +57,9 @@ def main(argv):
   # Checked here rather than with flags.mark_flags_as_required, whose
   # validators would fire in any program that imports this module and
   # parses its own flags.
+  if _CONFIG.value is not None and _LIST_CONFIG.value:
+    print(train.describe_config(_CONFIG.value))
+    return
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required.")
   for name in ("absl", "jax"):
@@ -57,16 +67,66 @@ def main(argv):
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   command = "python -m experiments.main " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
+  results_dir = None
+  if _PUBLISH.value:
+    if config.get("runlocal", False):
+      raise app.UsageError(
+          "--publish writes the committed results of the real config; a"
+          " :runlocal run is a smoke test and is never published.")
+    results_dir = pipeline.DEFAULT_RESULTS_DIR
+  with _data_for(config):
+    _run(config, workdir, mode, command, results_dir)
+  size = sum(f.stat().st_size for f in pathlib.Path(workdir).rglob("*")
+             if f.is_file())
+  print(f"Wrote {size / 1e6:.1f} MB under {workdir} (checkpoints: the last"
+        f" {config.max_checkpoints} and the best of each run, TensorBoard"
+        " events, metrics.jsonl, curves)"
+        + ("; results published to experiments/results/."
+           if results_dir is not None else "."))
+
+
+def _data_for(config):
+  """Mock TFDS data for a :runlocal config of a data set not on disk."""
+  if not config.get("mock_data", 0):
+    return contextlib.nullcontext()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  print(f"MOCK DATA: {config.dataset} is replaced by {config.mock_data}"
+        " random examples (tfds.testing.mock_data); a smoke test, not a"
+        " result.")
+  return tfds.testing.mock_data(
+      num_examples=int(config.mock_data),
+      policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def _run(config, workdir, mode, command, results_dir):
   if mode == "train":
     result = train.train_and_evaluate(config, workdir)
     print({k: v for k, v in result.items() if k not in ("last", "teachers")})
   elif mode == "sweep":
     pipeline.run_sweep(config, workdir, command=command,
-                       results_dir=_RESULTS_DIR.value)
+                       results_dir=results_dir)
   else:
     pipeline.run_methods(config, workdir, mode=mode, command=command,
-                         results_dir=_RESULTS_DIR.value)
+                         results_dir=results_dir)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a mistyped config field in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:
+    override = next((a for a in argv[1:] if a.startswith("--config.")), "")
+    names = [a.split("=", 1)[0] for a in argv[1:]
+             if a.startswith("--config.")]
+    hint = " ".join(str(error).encode().decode("unicode_escape").replace(
+        "'", " ").split())
+    print(
+        f"experiments.main: unknown config field in {', '.join(names) or override}:"
+        f" {hint} (--list_config prints every field).",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

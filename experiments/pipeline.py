@@ -363,7 +363,7 @@ def run_methods(
     *,
     mode: str,
     command: str = "",
-    results_dir: str | os.PathLike[str] | None = DEFAULT_RESULTS_DIR,
+    results_dir: str | os.PathLike[str] | None = None,
     context: train_lib.Context | None = None,
 ) -> dict[str, Any]:
   """``--mode=pipeline`` or ``--mode=compare``; returns the table's data.
@@ -421,7 +421,7 @@ def run_sweep(
     workdir: str | os.PathLike[str],
     *,
     command: str = "",
-    results_dir: str | os.PathLike[str] | None = DEFAULT_RESULTS_DIR,
+    results_dir: str | os.PathLike[str] | None = None,
     context: train_lib.Context | None = None,
 ) -> dict[str, Any]:
   """``--mode=sweep``: N students, one per temperature, in one vmapped run."""

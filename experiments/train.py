@@ -64,6 +64,22 @@ SCHEDULES = ("constant", "piecewise", "cosine")
 # ---------------------------------------------------------------------------
 
 
+def describe_config(config: ml_collections.ConfigDict) -> str:
+  """Every field of ``config`` as ``--config.<path>=<value>`` lines."""
+  lines = []
+
+  def walk(prefix: str, node: Any) -> None:
+    for key in sorted(node.keys()):
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(f"{prefix}{key}.", value)
+      else:
+        lines.append(f"--config.{prefix}{key}={value!r}")
+
+  walk("", config)
+  return "\n".join(lines)
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
   if value not in choices:
     raise ValueError(

@@ -27,12 +27,18 @@ def replace(readme: str, start: str, end: str, body: str) -> str:
 
 def main(argv: list[str], render: Callable[[str], str], *, what: str,
          command: str) -> int:
-  """Rewrites README.md with ``render``; with ``--check``, only compares.
+  """``--write`` rewrites README.md with ``render``; ``--check`` compares.
 
-  Returns the exit status: 0, 1 when ``--check`` finds the README out of
-  date (naming ``what`` and the ``command`` that updates it), 2 when the
-  markers are wrong.
+  Anything else (no argument, ``--help``) prints the usage and writes
+  nothing. Returns the exit status: 0, 1 when ``--check`` finds the README
+  out of date (naming ``what`` and the ``command`` that updates it), 2 when
+  the markers are wrong or the arguments unknown.
   """
+  if argv not in (["--write"], ["--check"]):
+    print(f"usage: {command.removesuffix(' --write')} --write | --check\n"
+          f"  --write  rewrite README.md's {what}\n"
+          f"  --check  exit 1 if README.md's {what} is out of date")
+    return 0 if argv in ([], ["--help"], ["-h"]) else 2
   text = README.read_text(encoding="utf-8")
   try:
     updated = render(text)

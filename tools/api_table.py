@@ -1,6 +1,6 @@
 """Writes the README's API table from the public docstrings.
 
-  python -m tools.api_table           # rewrite the table in README.md
+  python -m tools.api_table --write   # rewrite the table in README.md
   python -m tools.api_table --check   # exit 1 if README.md is out of date
 
 Each public function of ``jaxkd.losses`` and ``jaxkd.schedules`` becomes one
@@ -82,7 +82,7 @@ def render(readme: str) -> str:
 
 def main(argv: list[str]) -> int:
   return _sections.main(argv, render, what="API table",
-                        command="python -m tools.api_table")
+                        command="python -m tools.api_table --write")
 
 
 if __name__ == "__main__":

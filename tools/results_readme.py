@@ -1,6 +1,6 @@
 """Writes the README's "Results" section from ``experiments/results/*.md``.
 
-  python -m tools.results_readme           # rewrite the section in README.md
+  python -m tools.results_readme --write   # rewrite the section in README.md
   python -m tools.results_readme --check   # exit 1 if README.md is out of date
 
 Every results file written by ``experiments/pipeline.py`` (pipeline,
@@ -82,7 +82,7 @@ def render(readme: str, results_dir: pathlib.Path = RESULTS,
 
 def main(argv: list[str]) -> int:
   return _sections.main(argv, render, what="results section",
-                        command="python -m tools.results_readme")
+                        command="python -m tools.results_readme --write")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from typing import Any
 
 import ml_collections
 
+from jaxkd import data
+
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses ``"runlocal,seeds=2"`` into a ConfigDict over ``defaults``.
@@ -163,6 +165,8 @@ def base_config() -> ml_collections.ConfigDict:
   # -- Data ------------------------------------------------------------------
   config.dataset = "mnist5k"
   config.data_dir = ""            # "" -> $JAXKD_DATA_DIR or ~/.cache/jaxkd
+  config.runlocal = False         # set by :runlocal; never published
+  config.mock_data = 0            # > 0: that many random TFDS mock examples
   config.train_split = ""         # "" -> the data set's training split
   config.test_split = ""          # "" -> its test split ("test[:64]" ...)
   config.image_size = 0           # 0 -> the data set's; else resize (square)
@@ -221,7 +225,15 @@ def base_config() -> ml_collections.ConfigDict:
 def runlocal(
     config: ml_collections.ConfigDict, *, test_split: str = "test"
 ) -> ml_collections.ConfigDict:
-  """Shrinks a config to about a minute on a CPU: tiny splits, few steps."""
+  """Shrinks a config to about a minute on a CPU: tiny splits, few steps.
+
+  A data set that does not ship with an installed package is replaced by
+  64 random examples of its shapes (``tfds.testing.mock_data``), so every
+  ``:runlocal`` form runs offline; its output says so and is never a result.
+  """
+  config.runlocal = True
+  if not data.get_spec(config.dataset).embedded:
+    config.mock_data = 64
   config.train_split = "train[:128]"
   config.test_split = f"{test_split}[:64]"
   config.num_epochs = 2

@@ -51,6 +51,7 @@ def get_config(arg=None):
   config.student.model = "mlp_300"
   config.teacher.model = "hinton_teacher"
   config.teacher.num_epochs = 20
+  config.max_checkpoints = 1      # the last and the best of each run
   config.teacher.shift_pixels = 2
   config.teacher.optimizer = common.optimizer_config(
       name="adam", learning_rate=1e-3, weight_decay=0.0, schedule="cosine")
