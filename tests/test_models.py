@@ -255,7 +255,9 @@ def abstract_run(name, dtype_name):
 
 
 def test_every_bundled_model_is_tested():
-  assert set(models.available()) == set(EXPECTED_PARAMS)
+  # The language models take tokens: tests/test_transformer.py has theirs.
+  language_models = {"lm_teacher", "lm_student"}
+  assert set(models.available()) - language_models == set(EXPECTED_PARAMS)
 
 
 def test_published_parameter_counts():

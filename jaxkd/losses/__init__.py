@@ -51,3 +51,6 @@ from jaxkd.losses._data_free import dafl_one_hot_loss as dafl_one_hot_loss
 from jaxkd.losses._self_distillation import teacher_free_kd_loss as teacher_free_kd_loss
 from jaxkd.losses._self_distillation import virtual_teacher_log_targets as virtual_teacher_log_targets
 from jaxkd.losses._self_distillation import virtual_teacher_targets as virtual_teacher_targets
+
+from jaxkd.losses._transformer import attention_kl_loss as attention_kl_loss
+from jaxkd.losses._transformer import hidden_state_loss as hidden_state_loss

@@ -5,8 +5,11 @@ any per-example shape) whose ``__call__(x, train)`` returns
 ``(logits, features)``: float32 logits ``[batch, num_classes]`` and a dict of
 named arrays: ``"stage1"``, ``"stage2"``, ... (the output of each stage or
 block group), ``"embedding"`` (the pooled pre-logit vector ``[batch, dim]``)
-and, for the CNNs, ``"stem"``. :func:`create` builds one by name and wraps it
-into the engine's :class:`Model` contract.
+and, for the CNNs, ``"stem"``. The language models ``"lm_teacher"`` and
+``"lm_student"`` (:class:`TransformerLM`) take ``[batch, length]`` tokens
+instead and return ``[batch, length, vocab]`` logits; for them
+``num_classes`` is the vocabulary size. :func:`create` builds one by name and
+wraps it into the engine's :class:`Model` contract.
 
 Examples:
   >>> import jax
@@ -56,6 +59,10 @@ from jaxkd.models._resnet_cifar import resnet8 as resnet8
 from jaxkd.models._resnet_cifar import resnet8x4 as resnet8x4
 from jaxkd.models._shufflenetv2 import ShuffleNetV2 as ShuffleNetV2
 from jaxkd.models._shufflenetv2 import shufflev2 as shufflev2
+from jaxkd.models._transformer import lm_student as lm_student
+from jaxkd.models._transformer import lm_teacher as lm_teacher
+from jaxkd.models._transformer import output_kernel as lm_output_kernel
+from jaxkd.models._transformer import TransformerLM as TransformerLM
 from jaxkd.models._vgg import VGG as VGG
 from jaxkd.models._vgg import vgg11 as vgg11
 from jaxkd.models._vgg import vgg13 as vgg13
@@ -92,6 +99,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vit_tiny": vit_tiny,
     "resnet18": resnet18,
     "resnet34": resnet34,
+    "lm_teacher": lm_teacher,
+    "lm_student": lm_student,
 }
 
 # ``mlp_<w1>[_<w2>...]``: a ReLU MLP with those hidden widths, no dropout
