@@ -1,0 +1,27 @@
+"""Language-model distillation: token losses, the fused output-layer loss.
+
+* Per-token reductions that combine over shards and micro-batches
+  (:func:`token_sum_and_count`, :func:`token_mean`), next-token alignment
+  (:func:`next_token_targets`, :func:`next_token_logits`) and the teacher's
+  top-k targets (:func:`top_k_log_probs`).
+
+``jaxkd.lm`` imports ``jax``, ``numpy`` and ``jaxkd.losses`` only.
+"""
+
+from jaxkd.lm._tokens import NextTokenTargets as NextTokenTargets
+from jaxkd.lm._tokens import mean_from_sum_and_count as mean_from_sum_and_count
+from jaxkd.lm._tokens import next_token_logits as next_token_logits
+from jaxkd.lm._tokens import next_token_targets as next_token_targets
+from jaxkd.lm._tokens import token_mean as token_mean
+from jaxkd.lm._tokens import token_sum_and_count as token_sum_and_count
+from jaxkd.lm._tokens import top_k_log_probs as top_k_log_probs
+
+__all__ = [
+    "NextTokenTargets",
+    "mean_from_sum_and_count",
+    "next_token_logits",
+    "next_token_targets",
+    "token_mean",
+    "token_sum_and_count",
+    "top_k_log_probs",
+]
