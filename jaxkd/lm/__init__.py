@@ -4,10 +4,16 @@
   (:func:`token_sum_and_count`, :func:`token_mean`), next-token alignment
   (:func:`next_token_targets`, :func:`next_token_logits`) and the teacher's
   top-k targets (:func:`top_k_log_probs`).
+* :func:`fused_distillation_loss`: a divergence between a student's and a
+  teacher's output distributions computed from their hidden states and
+  output heads in token chunks and vocabulary tiles, never forming the
+  ``[tokens, vocab]`` logits, with its own memory-flat backward pass.
 
 ``jaxkd.lm`` imports ``jax``, ``numpy`` and ``jaxkd.losses`` only.
 """
 
+from jaxkd.lm._fused import DIVERGENCES as DIVERGENCES
+from jaxkd.lm._fused import fused_distillation_loss as fused_distillation_loss
 from jaxkd.lm._tokens import NextTokenTargets as NextTokenTargets
 from jaxkd.lm._tokens import mean_from_sum_and_count as mean_from_sum_and_count
 from jaxkd.lm._tokens import next_token_logits as next_token_logits
@@ -17,6 +23,8 @@ from jaxkd.lm._tokens import token_sum_and_count as token_sum_and_count
 from jaxkd.lm._tokens import top_k_log_probs as top_k_log_probs
 
 __all__ = [
+    "DIVERGENCES",
+    "fused_distillation_loss",
     "NextTokenTargets",
     "mean_from_sum_and_count",
     "next_token_logits",
