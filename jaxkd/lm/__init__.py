@@ -8,10 +8,16 @@
   teacher's output distributions computed from their hidden states and
   output heads in token chunks and vocabulary tiles, never forming the
   ``[tokens, vocab]`` logits, with its own memory-flat backward pass.
+* :class:`TeacherCacheWriter`, :class:`TeacherCache`: an offline cache of a
+  teacher's per-token top-k log-probabilities in ArrayRecord files, read
+  through grain with exact resumption.
 
-``jaxkd.lm`` imports ``jax``, ``numpy`` and ``jaxkd.losses`` only.
+``jaxkd.lm`` imports ``jax``, ``numpy``, ``grain`` and ``array_record``
+only.
 """
 
+from jaxkd.lm._cache import TeacherCache as TeacherCache
+from jaxkd.lm._cache import TeacherCacheWriter as TeacherCacheWriter
 from jaxkd.lm._fused import DIVERGENCES as DIVERGENCES
 from jaxkd.lm._fused import fused_distillation_loss as fused_distillation_loss
 from jaxkd.lm._tokens import NextTokenTargets as NextTokenTargets
@@ -24,6 +30,8 @@ from jaxkd.lm._tokens import top_k_log_probs as top_k_log_probs
 
 __all__ = [
     "DIVERGENCES",
+    "TeacherCache",
+    "TeacherCacheWriter",
     "fused_distillation_loss",
     "NextTokenTargets",
     "mean_from_sum_and_count",
