@@ -1,0 +1,43 @@
+"""Language-model distillation: token losses, the fused output-layer loss.
+
+* Per-token reductions that combine over shards and micro-batches
+  (:func:`token_sum_and_count`, :func:`token_mean`), next-token alignment
+  (:func:`next_token_targets`, :func:`next_token_logits`) and the teacher's
+  top-k targets (:func:`top_k_log_probs`).
+* :func:`fused_distillation_loss`: a divergence between a student's and a
+  teacher's output distributions computed from their hidden states and
+  output heads in token chunks and vocabulary tiles, never forming the
+  ``[tokens, vocab]`` logits, with its own memory-flat backward pass.
+* :class:`TeacherCacheWriter`, :class:`TeacherCache`: an offline cache of a
+  teacher's per-token top-k log-probabilities in ArrayRecord files, read
+  through grain with exact resumption.
+
+``jaxkd.lm`` imports ``jax``, ``numpy``, ``grain`` and ``array_record``
+only.
+"""
+
+from jaxkd.lm._cache import TeacherCache as TeacherCache
+from jaxkd.lm._cache import TeacherCacheWriter as TeacherCacheWriter
+from jaxkd.lm._fused import DIVERGENCES as DIVERGENCES
+from jaxkd.lm._fused import fused_distillation_loss as fused_distillation_loss
+from jaxkd.lm._tokens import NextTokenTargets as NextTokenTargets
+from jaxkd.lm._tokens import mean_from_sum_and_count as mean_from_sum_and_count
+from jaxkd.lm._tokens import next_token_logits as next_token_logits
+from jaxkd.lm._tokens import next_token_targets as next_token_targets
+from jaxkd.lm._tokens import token_mean as token_mean
+from jaxkd.lm._tokens import token_sum_and_count as token_sum_and_count
+from jaxkd.lm._tokens import top_k_log_probs as top_k_log_probs
+
+__all__ = [
+    "DIVERGENCES",
+    "TeacherCache",
+    "TeacherCacheWriter",
+    "fused_distillation_loss",
+    "NextTokenTargets",
+    "mean_from_sum_and_count",
+    "next_token_logits",
+    "next_token_targets",
+    "token_mean",
+    "token_sum_and_count",
+    "top_k_log_probs",
+]

@@ -1,0 +1,733 @@
+r"""The fused, vocabulary-tiled output-layer distillation loss.
+
+A language model's logits are ``hidden @ head``: ``[N, H] @ [H, V]``. With
+``N = 8192`` tokens and a vocabulary of ``V = 128k`` one float32 logit array
+is 4 GiB, and a distillation loss needs the student's, the teacher's, their
+log-softmaxes and the gradient. :func:`fused_distillation_loss` never builds
+any ``[N, V]`` array: it loops over chunks of tokens and, inside, over tiles
+of the vocabulary, so its working memory is a few ``[token_chunk,
+vocab_chunk]`` tiles whatever ``N`` and ``V``.
+
+How it computes, for each chunk of ``token_chunk`` tokens:
+
+1. **Pass 1** runs over the vocabulary tiles and combines each tile's
+   log-sum-exp into a running one, ``lse = logaddexp(lse, logsumexp(tile))``
+   for the student and every teacher. This is exact, not an approximation:
+   ``log sum_v exp(s_v)`` is ``logaddexp`` of the log-sum-exps of any
+   partition of the vocabulary, so tiles (or devices holding vocabulary
+   shards, see ``vocab_axis_name``) can be combined in any order.
+2. **Pass 2** runs over the tiles again, recomputes the logits, forms the
+   log-probabilities ``s - lse`` and accumulates the divergence's sum over
+   the vocabulary.
+
+The backward pass (a ``jax.custom_vjp``) recomputes every tile's logits a
+third time instead of storing them. Every divergence here is a sum over the
+vocabulary of an elementwise term :math:`f(\log p^S_v, \log p^T_v)`, so with
+:math:`u_v = \partial f / \partial \log p^S_v` the gradient with respect to
+the student's scaled logits is
+
+.. math::
+  \frac{\partial D}{\partial s_v} = u_v - p^S_v \sum_w u_w .
+
+Pass 2 of the forward pass also accumulates :math:`\sum_w u_w` per token (one
+float per token is kept for the backward pass, with the two log-sum-exps);
+the backward pass then needs one sweep over the tiles, in which it adds
+``dz @ head_tile^T`` into the hidden state's gradient and
+``hidden^T @ dz`` into the head's gradient tile.
+
+The last chunk of tokens and the last tile of the vocabulary are not padded:
+when ``N`` (or ``V``) is not a multiple of the chunk, the last one is shifted
+back to end at ``N`` (``V``) and the entries it shares with the one before
+are masked out, so no padded copy of the hidden states or of the head is
+ever made.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Hashable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxkd.lm import _checks as c
+from jaxkd.lm import _tokens
+
+Array = jax.Array
+ArrayLike = Any
+
+__all__ = ["DIVERGENCES", "fused_distillation_loss"]
+
+DIVERGENCES = (
+    "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd",
+)
+TEACHER_REDUCTIONS = ("mixture", "mean")
+REDUCTIONS = ("mean", "sum_and_count", "none")
+
+
+class _Static(NamedTuple):
+  """The Python-level configuration (hashable: a ``nondiff_argnum``)."""
+
+  divergence: str
+  teacher_reduction: str
+  token_chunk: int
+  vocab_chunk: int
+  soft_cap: bool
+  axis_name: Hashable | None
+
+
+class _Params(NamedTuple):
+  """Scalar (and per-teacher) hyper-parameters, as arrays: may be traced."""
+
+  factor: Array  # logit_scale / temperature.
+  soft_cap: Array
+  beta: Array
+  alpha: Array
+  weights: Array  # [K], normalised to sum to 1.
+  log_weights: Array  # [K].
+
+
+# ---------------------------------------------------------------------------
+# Elementwise math.
+# ---------------------------------------------------------------------------
+
+
+def _scaled(z: Array, st: _Static, prm: _Params) -> tuple[Array, Array]:
+  """``(s, ds/dz)`` with ``s = cap * tanh(z / cap) * scale / T``."""
+  if st.soft_cap:
+    squashed = jnp.tanh(z / prm.soft_cap)
+    return (
+        prm.soft_cap * squashed * prm.factor,
+        (1 - squashed * squashed) * prm.factor,
+    )
+  return z * prm.factor, jnp.broadcast_to(prm.factor, z.shape)
+
+
+def _log_mixture(w: Array, log_a: Array, log_b: Array) -> Array:
+  """``log(w a + (1 - w) b)`` from ``w``, ``log a`` and ``log b``."""
+  # Never log(w a + (1 - w) b) of probabilities: logaddexp stays exact where
+  # they underflow, and log1p keeps log(1 - w) accurate for small w. At w = 0
+  # or 1 one side is -inf and logaddexp returns the other side exactly.
+  return jnp.logaddexp(jnp.log(w) + log_a, jnp.log1p(-w) + log_b)
+
+
+def _term(divergence: str, log_ps: Array, log_pt: Array, prm: _Params):
+  """The divergence's elementwise term, summed over the vocabulary later."""
+  if divergence == "forward_kl":
+    return jnp.exp(log_pt) * (log_pt - log_ps)
+  if divergence == "reverse_kl":
+    return jnp.exp(log_ps) * (log_ps - log_pt)
+  if divergence == "jsd":
+    beta = prm.beta
+    log_m = _log_mixture(beta, log_pt, log_ps)
+    return beta * jnp.exp(log_pt) * (log_pt - log_m) + (1 - beta) * jnp.exp(
+        log_ps
+    ) * (log_ps - log_m)
+  if divergence == "skew_kl":
+    log_m = _log_mixture(prm.alpha, log_pt, log_ps)
+    return jnp.exp(log_pt) * (log_pt - log_m)
+  if divergence == "skew_reverse_kl":
+    log_m = _log_mixture(prm.alpha, log_ps, log_pt)
+    return jnp.exp(log_ps) * (log_ps - log_m)
+  if divergence == "tvd":
+    return 0.5 * jnp.abs(jnp.exp(log_pt) - jnp.exp(log_ps))
+  raise ValueError(f"Unknown divergence {divergence!r}.")  # Checked on entry.
+
+
+def _term_and_slope(
+    st: _Static, log_ps: Array, log_pt: Array, prm: _Params
+) -> tuple[Array, Array]:
+  """The term ``f`` and ``u = df / dlog p_S`` over a tile.
+
+  ``log_ps`` is ``[tc, vc]``, ``log_pt`` the teachers' ``[K, tc, vc]``. The
+  term is elementwise in ``log_ps``, so one forward-mode product with a
+  tangent of ones gives every ``u_v`` at once.
+  """
+  if st.teacher_reduction == "mixture" or log_pt.shape[0] == 1:
+    if log_pt.shape[0] == 1:
+      log_target = log_pt[0]
+    else:
+      # p_T = sum_k w_k p_k, in log space.
+      log_target = jax.nn.logsumexp(
+          log_pt + prm.log_weights[:, None, None], axis=0
+      )
+
+    def term(log_ps):
+      return _term(st.divergence, log_ps, log_target, prm)
+
+  else:  # "mean": sum_k w_k D(p_k, p_S).
+
+    def term(log_ps):
+      per_teacher = _term(st.divergence, log_ps[None], log_pt, prm)
+      return jnp.sum(prm.weights[:, None, None] * per_teacher, axis=0)
+
+  return jax.jvp(term, (log_ps,), (jnp.ones_like(log_ps),))
+
+
+# ---------------------------------------------------------------------------
+# Chunks and tiles.
+# ---------------------------------------------------------------------------
+
+
+def _window(i: Array, size: int, total: int) -> tuple[Array, Array]:
+  """Start of chunk ``i`` of ``size`` in ``[0, total)`` and its fresh entries.
+
+  The last chunk is shifted back to end at ``total`` instead of being padded;
+  ``fresh`` is ``False`` on the entries it shares with the chunk before.
+  """
+  start = jnp.minimum(i * size, total - size)
+  fresh = start + jnp.arange(size, dtype=jnp.int32) >= i * size
+  return start, fresh
+
+
+def _unchunk(stacked: Array, total: int) -> Array:
+  """``[n, size, ...]`` per-chunk rows back to ``[total, ...]`` (see _window)."""
+  n, size = stacked.shape[:2]
+  rows = stacked.reshape((n * size,) + stacked.shape[2:])
+  if n * size == total:
+    return rows
+  tail = total - (n - 1) * size
+  return jnp.concatenate(
+      [rows[: (n - 1) * size], stacked[-1, size - tail :]], axis=0
+  )
+
+
+def _matmul(a: Array, b: Array, dims, dtype) -> Array:
+  """``dot_general`` accumulating in ``dtype`` (float32 for 16-bit inputs)."""
+  if a.dtype != b.dtype:
+    a, b = a.astype(dtype), b.astype(dtype)
+  return lax.dot_general(a, b, dims, preferred_element_type=dtype)
+
+
+_ROWS_BY_COLS = (((1,), (0,)), ((), ()))  # [n, h] x [h, v] -> [n, v]
+_TEACHERS = (((2,), (1,)), ((0,), (0,)))  # [k, n, h] x [k, h, v] -> [k, n, v]
+_BY_COLS_T = (((1,), (1,)), ((), ()))  # [n, v] x [h, v] -> [n, h]
+_T_BY_ROWS = (((0,), (0,)), ((), ()))  # [n, h] x [n, v] -> [h, v]
+
+
+class _Sizes(NamedTuple):
+  tokens: int
+  vocab: int
+  token_chunk: int
+  vocab_chunk: int
+  chunks: int
+  tiles: int
+
+
+def _sizes(st: _Static, hs: Array, ws: Array) -> _Sizes:
+  tokens, vocab = hs.shape[0], ws.shape[1]
+  tc, vc = min(st.token_chunk, tokens), min(st.vocab_chunk, vocab)
+  return _Sizes(tokens, vocab, tc, vc, -(-tokens // tc), -(-vocab // vc))
+
+
+def _tile_logits(j, hs_c, ht_c, ws, wt, sz: _Sizes, dtype):
+  """Raw logits of vocabulary tile ``j``: student ``[tc, vc]``, teachers."""
+  start, fresh = _window(j, sz.vocab_chunk, sz.vocab)
+  ws_j = lax.dynamic_slice_in_dim(ws, start, sz.vocab_chunk, axis=1)
+  wt_j = lax.dynamic_slice_in_dim(wt, start, sz.vocab_chunk, axis=2)
+  zs = _matmul(hs_c, ws_j, _ROWS_BY_COLS, dtype)
+  zt = _matmul(ht_c, wt_j, _TEACHERS, dtype)
+  return start, fresh, ws_j, zs, zt
+
+
+def _varying(x: Array, st: _Static) -> Array:
+  """Marks a loop's initial carry as varying over the vocabulary axis.
+
+  Under ``shard_map`` a carry that accumulates per-shard values must be
+  typed as varying over the mesh axis from the start.
+  """
+  if st.axis_name is None:
+    return x
+  return lax.pcast(x, st.axis_name, to="varying")
+
+
+def _add_logsumexp(running: Array, tile: Array) -> Array:
+  """``logaddexp(running, logsumexp(tile, axis=-1))``, in few operations.
+
+  ``tile`` holds at least one finite entry per row (every tile has a fresh
+  column), so its row maximum is finite and no ``inf - inf`` can arise;
+  ``running`` starts at ``-inf``. A ``nan`` logit propagates.
+  """
+  peak = jnp.maximum(running, jnp.max(tile, axis=-1))
+  total = jnp.exp(running - peak) + jnp.sum(
+      jnp.exp(tile - peak[..., None]), axis=-1
+  )
+  return peak + jnp.log(total)
+
+
+def _all_logsumexp(lse: Array, axis_name) -> Array:
+  """Combines per-device log-sum-exps of vocabulary shards (exactly)."""
+  peak = lax.pmax(lse, axis_name)
+  return peak + jnp.log(lax.psum(jnp.exp(lse - peak), axis_name))
+
+
+def _chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype, with_slope):
+  """Per-token divergence (and the backward pass's statistics) of a chunk."""
+  k, tc = ht_c.shape[0], sz.token_chunk
+  tiles = jnp.arange(sz.tiles, dtype=jnp.int32)
+  minus_inf = jnp.full((), -jnp.inf, dtype)
+
+  def lse_step(carry, j):
+    lse_s, lse_t = carry
+    _, fresh, _, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
+    s = jnp.where(fresh[None, :], _scaled(zs, st, prm)[0], minus_inf)
+    t = jnp.where(fresh[None, None, :], _scaled(zt, st, prm)[0], minus_inf)
+    return (_add_logsumexp(lse_s, s), _add_logsumexp(lse_t, t)), None
+
+  init = (jnp.full((tc,), -jnp.inf, dtype), jnp.full((k, tc), -jnp.inf, dtype))
+  (lse_s, lse_t), _ = lax.scan(lse_step, _varying(init, st), tiles)
+  if st.axis_name is not None:
+    lse_s = _all_logsumexp(lse_s, st.axis_name)
+    lse_t = _all_logsumexp(lse_t, st.axis_name)
+
+  zero = jnp.zeros((), dtype)
+
+  def divergence_step(carry, j):
+    total, slope = carry
+    _, fresh, _, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
+    log_ps = _scaled(zs, st, prm)[0] - lse_s[:, None]
+    log_pt = _scaled(zt, st, prm)[0] - lse_t[..., None]
+    f, u = _term_and_slope(st, log_ps, log_pt, prm)
+    total = total + jnp.sum(jnp.where(fresh[None, :], f, zero), axis=-1)
+    if with_slope:
+      slope = slope + jnp.sum(jnp.where(fresh[None, :], u, zero), axis=-1)
+    return (total, slope), None
+
+  init = (jnp.zeros((tc,), dtype), jnp.zeros((tc,), dtype))
+  (total, slope), _ = lax.scan(divergence_step, _varying(init, st), tiles)
+  if st.axis_name is not None:
+    total = lax.psum(total, st.axis_name)
+    slope = lax.psum(slope, st.axis_name) if with_slope else slope
+  return total, (lse_s, jnp.moveaxis(lse_t, 0, 1), slope)
+
+
+def _forward(st, hs, ws, ht, wt, prm, with_slope):
+  """Per-token divergences ``[N]`` and, if asked, the residual statistics."""
+  dtype = prm.factor.dtype
+  sz = _sizes(st, hs, ws)
+
+  def chunk_step(_, i):
+    row0, _ = _window(i, sz.token_chunk, sz.tokens)
+    hs_c = lax.dynamic_slice_in_dim(hs, row0, sz.token_chunk, axis=0)
+    ht_c = lax.dynamic_slice_in_dim(ht, row0, sz.token_chunk, axis=1)
+    out = _chunk_statistics(
+        st, prm, hs_c, ht_c, ws, wt, sz, dtype, with_slope
+    )
+    return None, out if with_slope else out[0]
+
+  _, out = lax.scan(chunk_step, None, jnp.arange(sz.chunks, dtype=jnp.int32))
+  return jax.tree.map(lambda x: _unchunk(x, sz.tokens), out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(st, hs, ws, ht, wt, prm):
+  """Per-token divergence ``[N]``; teachers get a zero gradient."""
+  return _forward(st, hs, ws, ht, wt, prm, with_slope=False)
+
+
+def _fused_fwd(st, hs, ws, ht, wt, prm):
+  per_token, stats = _forward(st, hs, ws, ht, wt, prm, with_slope=True)
+  return per_token, (hs, ws, ht, wt, prm, stats)
+
+
+def _fused_bwd(st, residuals, cotangent):
+  hs, ws, ht, wt, prm, (lse_s, lse_t, slope) = residuals
+  dtype = prm.factor.dtype
+  sz = _sizes(st, hs, ws)
+  tiles = jnp.arange(sz.tiles, dtype=jnp.int32)
+  lse_t = jnp.moveaxis(lse_t, 1, 0)  # [K, N].
+  zero = jnp.zeros((), dtype)
+
+  def chunk_step(dws, i):
+    row0, fresh_rows = _window(i, sz.token_chunk, sz.tokens)
+
+    def rows(x, axis=0):
+      return lax.dynamic_slice_in_dim(x, row0, sz.token_chunk, axis=axis)
+
+    hs_c, ht_c = rows(hs), rows(ht, axis=1)
+    # Rows shared with the chunk before were counted there: no cotangent.
+    g_c = jnp.where(fresh_rows, rows(cotangent).astype(dtype), zero)
+    lse_s_c, lse_t_c, slope_c = rows(lse_s), rows(lse_t, axis=1), rows(slope)
+    hs_c_t = hs_c.astype(dtype)
+
+    def tile_step(carry, j):
+      dh_c, dws = carry
+      start, fresh, ws_j, zs, zt = _tile_logits(
+          j, hs_c, ht_c, ws, wt, sz, dtype
+      )
+      s, ds_dz = _scaled(zs, st, prm)
+      log_ps = s - lse_s_c[:, None]
+      log_pt = _scaled(zt, st, prm)[0] - lse_t_c[..., None]
+      _, u = _term_and_slope(st, log_ps, log_pt, prm)
+      grad_s = g_c[:, None] * (u - jnp.exp(log_ps) * slope_c[:, None])
+      dz = jnp.where(fresh[None, :], grad_s * ds_dz, zero)
+      dh_c = dh_c + _matmul(dz, ws_j.astype(dtype), _BY_COLS_T, dtype)
+      tile = lax.dynamic_slice_in_dim(dws, start, sz.vocab_chunk, axis=1)
+      tile = tile + _matmul(hs_c_t, dz, _T_BY_ROWS, dtype)
+      dws = lax.dynamic_update_slice_in_dim(dws, tile, start, axis=1)
+      return (dh_c, dws), None
+
+    dh_c = _varying(jnp.zeros((sz.token_chunk, hs.shape[1]), dtype), st)
+    (dh_c, dws), _ = lax.scan(tile_step, (dh_c, dws), tiles)
+    return dws, dh_c
+
+  dws, dh = lax.scan(
+      chunk_step, _varying(jnp.zeros(ws.shape, dtype), st),
+      jnp.arange(sz.chunks, dtype=jnp.int32),
+  )
+  dh = _unchunk(dh, sz.tokens)
+  if st.axis_name is not None:
+    dh = lax.psum(dh, st.axis_name)
+  return (
+      dh.astype(hs.dtype),
+      dws.astype(ws.dtype),
+      jnp.zeros_like(ht),
+      jnp.zeros_like(wt),
+      jax.tree.map(jnp.zeros_like, prm),
+  )
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# ---------------------------------------------------------------------------
+# The public function.
+# ---------------------------------------------------------------------------
+
+
+def _check_heads(student_hidden, student_head, teacher_hidden, teacher_head):
+  """Shapes -> (leading shape, K); raises naming the argument at fault."""
+  for name, x in (
+      ("student_hidden", student_hidden), ("student_head", student_head),
+      ("teacher_hidden", teacher_hidden), ("teacher_head", teacher_head),
+  ):
+    c.floating(name, x)
+  c.min_rank("student_hidden", student_hidden, 1)
+  c.rank("student_head", student_head, 2)
+  c.rank("teacher_head", teacher_head, (2, 3))
+  lead, width = student_hidden.shape[:-1], student_hidden.shape[-1]
+  if student_head.shape[0] != width:
+    raise ValueError(
+        f"`student_head` of shape {tuple(student_head.shape)} must be"
+        f" [H, V] with H = {width}, the last axis of `student_hidden` (shape"
+        f" {tuple(student_hidden.shape)})."
+    )
+  stacked = teacher_head.ndim == 3
+  k = teacher_head.shape[0] if stacked else 1
+  expected_lead = ((k,) if stacked else ()) + tuple(lead)
+  if tuple(teacher_hidden.shape[:-1]) != expected_lead:
+    what = "[K, ..., H_T] with K = teacher_head.shape[0]" if stacked else (
+        "[..., H_T]"
+    )
+    raise ValueError(
+        f"`teacher_hidden` of shape {tuple(teacher_hidden.shape)} must be"
+        f" {what} and leading shape {tuple(lead)} of `student_hidden`;"
+        f" expected leading shape {expected_lead}."
+    )
+  if teacher_head.shape[-2] != teacher_hidden.shape[-1]:
+    raise ValueError(
+        f"`teacher_head` of shape {tuple(teacher_head.shape)} must be"
+        f" {'[K, H_T, V]' if stacked else '[H_T, V]'} with H_T ="
+        f" {teacher_hidden.shape[-1]}, the last axis of `teacher_hidden`."
+    )
+  if teacher_head.shape[-1] != student_head.shape[-1]:
+    raise ValueError(
+        "`student_head` and `teacher_head` must have the same vocabulary"
+        f" size V (last axis), got {student_head.shape[-1]} and"
+        f" {teacher_head.shape[-1]}."
+    )
+  return tuple(lead), k
+
+
+def _varies_over(x: Array, axis_name: Hashable) -> bool | None:
+  """Whether ``x`` varies over a ``shard_map`` axis (``None``: unknown)."""
+  aval = jax.typeof(x)
+  axis_type = getattr(aval, "manual_axis_type", None)
+  varying = getattr(axis_type, "varying", getattr(aval, "vma", None))
+  return None if varying is None else axis_name in varying
+
+
+def _check_vocab_axis(axis_name, arrays) -> None:
+  """Heads must vary over ``axis_name`` and hidden states must not."""
+  for name, x in arrays.items():
+    varies = _varies_over(x, axis_name)
+    if varies is None:
+      continue
+    is_head = name.endswith("head")
+    if is_head and not varies:
+      raise ValueError(
+          f"`vocab_axis_name`={axis_name!r}, but `{name}` does not vary over"
+          " that axis: call the loss inside `jax.shard_map` (with its default"
+          f" check_vma=True) with the heads' vocabulary axis split over"
+          f" {axis_name!r}."
+      )
+    if not is_head and varies:
+      raise ValueError(
+          f"`{name}` varies over the vocabulary axis {axis_name!r}: the"
+          " hidden states must be replicated over it (`P()` or another axis"
+          " in its `in_specs`)."
+      )
+
+
+def _params(dtype, k, *, temperature, logit_scale, soft_cap, beta, alpha,
+            teacher_weights) -> _Params:
+  """Hyper-parameters as arrays; traced bad values become ``nan``."""
+  def scalar(x):
+    return jnp.asarray(x).astype(dtype)
+
+  temperature, logit_scale = scalar(temperature), scalar(logit_scale)
+  factor = c.nan_unless(
+      (temperature > 0) & (logit_scale > 0), logit_scale / temperature
+  )
+  cap = scalar(1.0 if soft_cap is None else soft_cap)
+  cap = c.nan_unless(cap > 0, cap)
+  beta, alpha = scalar(beta), scalar(alpha)
+  beta = c.nan_unless((beta >= 0) & (beta <= 1), beta)
+  alpha = c.nan_unless((alpha >= 0) & (alpha <= 1), alpha)
+  if teacher_weights is None:
+    weights = jnp.full((k,), 1.0 / k, dtype)
+  else:
+    weights = jnp.asarray(teacher_weights).astype(dtype)
+    weights = c.nan_unless(jnp.all(weights >= 0), weights)
+    weights = weights / jnp.sum(weights)
+  return _Params(factor, cap, beta, alpha, weights, jnp.log(weights))
+
+
+def fused_distillation_loss(
+    student_hidden: ArrayLike,
+    student_head: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_head: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    divergence: str = "forward_kl",
+    temperature: ArrayLike = 1.0,
+    beta: ArrayLike = 0.5,
+    alpha: ArrayLike = 0.1,
+    teacher_weights: ArrayLike | None = None,
+    teacher_reduction: str = "mixture",
+    token_chunk: int = 512,
+    vocab_chunk: int = 4096,
+    logit_scale: ArrayLike = 1.0,
+    soft_cap: ArrayLike | None = None,
+    reduction: str = "mean",
+    vocab_axis_name: Hashable | None = None,
+) -> Array | tuple[Array, Array]:
+  r"""A divergence between two language models' outputs, never forming logits.
+
+  The student's logits are ``student_hidden @ student_head`` and the
+  teacher's ``teacher_hidden @ teacher_head``; this function computes
+
+  .. math::
+    \mathcal{L} = \frac{\sum_i m_i\, D\big(p^T_i, p^S_i\big)}
+    {\max(1, \sum_i m_i)}, \qquad
+    p_i = \mathrm{softmax}(s_i), \quad
+    s_i = \frac{\lambda}{T}\, c \tanh\!\Big(\frac{h_i W}{c}\Big)
+
+  (without the :math:`c \tanh(\cdot / c)` when ``soft_cap`` is ``None``;
+  :math:`\lambda` is ``logit_scale``) in chunks of ``token_chunk`` tokens
+  and tiles of ``vocab_chunk`` vocabulary entries, so no ``[N, V]`` array
+  exists in the forward or the backward pass (see the module docstring for
+  the two passes and the exact tile-by-tile log-sum-exp). The divergence
+  :math:`D`, with :math:`p^T` the teacher and :math:`p^S` the student:
+
+  * ``"forward_kl"``: :math:`\mathrm{KL}(p^T \| p^S)`;
+  * ``"reverse_kl"``: :math:`\mathrm{KL}(p^S \| p^T)`;
+  * ``"jsd"``: :math:`\beta\,\mathrm{KL}(p^T \| m) + (1 - \beta)\,
+    \mathrm{KL}(p^S \| m)`, :math:`m = \beta p^T + (1 - \beta) p^S`
+    (GKD's generalised JSD, as :func:`jaxkd.losses.jensen_shannon_divergence`);
+  * ``"skew_kl"``: :math:`\mathrm{KL}(p^T \| \alpha p^T + (1 - \alpha) p^S)`;
+  * ``"skew_reverse_kl"``:
+    :math:`\mathrm{KL}(p^S \| \alpha p^S + (1 - \alpha) p^T)`;
+  * ``"tvd"``: :math:`\frac12 \sum_v |p^T_v - p^S_v|`; not smooth, its
+    gradient uses the derivative ``jnp.abs`` defines at 0 (a subgradient).
+
+  No :math:`T^2` factor is applied (multiply by ``temperature**2`` for the
+  Hinton KD loss).
+
+  **Gradients.** The function has a custom VJP: it returns the gradients
+  with respect to ``student_hidden`` and ``student_head`` (recomputing the
+  logits tile by tile), and zero for ``teacher_hidden``, ``teacher_head``
+  and the hyper-parameters, as if the teacher went through
+  ``jax.lax.stop_gradient`` (a frozen teacher; for mutual learning, where
+  the teacher also learns, call it twice with the roles swapped). Forward-
+  mode differentiation (``jax.jvp``) is not supported.
+
+  **Precision.** Computation is in float32 (float64 when an input is
+  float64); 16-bit hidden states and heads are multiplied with float32
+  accumulation (``preferred_element_type``) and the head's gradient is
+  accumulated in float32 before being cast to the head's dtype.
+
+  **Several teachers.** With ``teacher_head`` of shape ``[K, H_T, V]`` and
+  ``teacher_hidden`` of shape ``[K, ..., H_T]``, the weights :math:`w_k`
+  (``teacher_weights``, normalised to sum to 1; uniform by default) combine
+  the teachers either into one target,
+  ``teacher_reduction="mixture"``: :math:`D(\sum_k w_k p^{T_k}, p^S)`, or
+  into a weighted mean of divergences, ``"mean"``:
+  :math:`\sum_k w_k D(p^{T_k}, p^S)`.
+
+  **Vocabulary-sharded heads.** Called inside ``jax.shard_map`` with the
+  heads' vocabulary axis split over the mesh axis ``vocab_axis_name`` (and
+  the hidden states replicated over it), each device loops over its own
+  shard; the log-sum-exps are combined across devices with ``pmax`` and
+  ``psum`` exactly as across tiles, the vocabulary sums with ``psum``, and
+  the hidden states' gradient is summed over the axis. Each device gets the
+  gradient of its own head shard. This relies on ``shard_map``'s
+  replication typing (``check_vma=True``, the default): the loss raises if
+  the heads do not vary over the axis or the hidden states do.
+
+  Args:
+    student_hidden: The student's final hidden states, floating, shape
+      ``[..., H_S]`` (leading axes are flattened into ``N`` tokens).
+    student_head: The student's output projection, shape ``[H_S, V]``.
+    teacher_hidden: The teacher's final hidden states, shape ``[..., H_T]``
+      with the student's leading shape, or ``[K, ..., H_T]`` for ``K``
+      teachers.
+    teacher_head: The teacher's output projection, ``[H_T, V]``, or
+      ``[K, H_T, V]`` for ``K`` teachers. Same ``V`` as the student.
+    mask: Optional boolean mask of the leading shape ``[...]``: ``False``
+      marks tokens that do not count (padding, prompt). Masked tokens reach
+      neither the value nor the gradients, whatever their hidden states hold.
+    divergence: One of :data:`DIVERGENCES` (above).
+    temperature: Softmax temperature :math:`T > 0` of both models.
+    beta: Weight :math:`\beta \in [0, 1]` of the teacher in ``"jsd"``.
+    alpha: Skew :math:`\alpha \in [0, 1]` of ``"skew_kl"`` and
+      ``"skew_reverse_kl"``.
+    teacher_weights: Optional non-negative weights of shape ``[K]``.
+    teacher_reduction: ``"mixture"`` or ``"mean"`` (above).
+    token_chunk: Tokens per chunk (>= 1; capped at ``N``).
+    vocab_chunk: Vocabulary entries per tile (>= 1; capped at ``V``). Memory
+      grows with ``token_chunk * vocab_chunk``, not with ``N * V``.
+    logit_scale: Factor :math:`\lambda > 0` applied after the soft cap (for
+      heads whose logits are scaled, e.g. tied embeddings with
+      ``1 / sqrt(H)``), to both models.
+    soft_cap: Optional :math:`c > 0`: logits become
+      :math:`c \tanh(z / c)` (Gemma 2's final-logit soft-capping), both
+      models.
+    reduction: ``"mean"`` (the token mean above, a scalar; 0 when every
+      token is masked), ``"sum_and_count"`` (the scalars
+      :math:`(\sum_i m_i D_i, \sum_i m_i)`, to combine over shards or
+      micro-batches with :func:`jaxkd.lm.mean_from_sum_and_count`) or
+      ``"none"`` (the per-token divergence, shape ``[...]``, 0 where masked).
+    vocab_axis_name: Mesh axis the heads' vocabulary is sharded over, when
+      called inside ``shard_map`` (above); ``None`` otherwise.
+
+  Returns:
+    A scalar for ``reduction="mean"``, ``(sum, count)`` for
+    ``"sum_and_count"``, per-token divergences ``[...]`` for ``"none"``;
+    float32 (float64 for float64 inputs).
+
+  Raises:
+    ValueError: If a head's width differs from its hidden states'
+      (naming ``student_head`` or ``teacher_head``), the vocabulary sizes
+      differ, the mask's shape is not the leading shape, a name is not one
+      of the choices, a chunk size is < 1 or a concrete hyper-parameter is
+      out of range.
+    TypeError: If an array is not floating or the mask not boolean.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxkd import lm
+    >>> keys = jax.random.split(jax.random.key(0), 4)
+    >>> hs, ht = jax.random.normal(keys[0], (6, 8)), jax.random.normal(keys[1], (6, 16))
+    >>> ws, wt = jax.random.normal(keys[2], (8, 50)), jax.random.normal(keys[3], (16, 50))
+    >>> fused = lm.fused_distillation_loss(hs, ws, ht, wt, token_chunk=4, vocab_chunk=16)
+    >>> unfused = jnp.mean(jnp.sum(jax.nn.softmax(ht @ wt) * (
+    ...     jax.nn.log_softmax(ht @ wt) - jax.nn.log_softmax(hs @ ws)), -1))
+    >>> print(bool(jnp.allclose(fused, unfused, rtol=1e-5)))
+    True
+
+  References:
+    Agarwal, Vieillard, Zhou, Stanczyk, Ramos Garea, Geist and Bachem,
+    `On-Policy Distillation of Language Models: Learning from Self-Generated
+    Mistakes <https://arxiv.org/abs/2306.13649>`_, 2024 (generalised JSD).
+
+    Ko, Kim, Chen and Yun, `DistiLLM: Towards Streamlined Distillation for
+    Large Language Models <https://arxiv.org/abs/2402.03898>`_, 2024 (skew
+    KL and skew reverse KL).
+
+    Wijmans, Huval, Hertzberg, Koltun and Krähenbühl, `Cut Your Losses in
+    Large-Vocabulary Language Models <https://arxiv.org/abs/2411.09009>`_,
+    2025 (never materialising the logits).
+
+    Milakov and Gimelshein, `Online normalizer calculation for softmax
+    <https://arxiv.org/abs/1805.02867>`_, 2018 (the tile-by-tile
+    normaliser).
+
+  .. versionadded:: 0.1.0
+  """
+  lead, k = _check_heads(
+      student_hidden, student_head, teacher_hidden, teacher_head
+  )
+  c.choice("divergence", divergence, DIVERGENCES)
+  c.choice("teacher_reduction", teacher_reduction, TEACHER_REDUCTIONS)
+  c.choice("reduction", reduction, REDUCTIONS)
+  token_chunk = c.positive_int("token_chunk", token_chunk)
+  vocab_chunk = c.positive_int("vocab_chunk", vocab_chunk)
+  c.positive("temperature", temperature)
+  c.positive("logit_scale", logit_scale)
+  if soft_cap is not None:
+    c.positive("soft_cap", soft_cap)
+  c.unit_interval("beta", beta)
+  c.unit_interval("alpha", alpha)
+  if teacher_weights is not None:
+    c.floating("teacher_weights", teacher_weights)
+    if tuple(jnp.shape(teacher_weights)) != (k,):
+      raise ValueError(
+          f"`teacher_weights` must have shape ({k},), one per teacher, got"
+          f" {tuple(jnp.shape(teacher_weights))}."
+      )
+    known = c.concrete(teacher_weights)
+    if known is not None and (known.min() < 0 or known.sum() <= 0):
+      raise ValueError(
+          "`teacher_weights` must be non-negative with a positive sum, got"
+          f" {teacher_weights!r}."
+      )
+  if mask is not None:
+    mask = c.boolean_mask("mask", mask, lead)
+  if vocab_axis_name is not None:
+    _check_vocab_axis(vocab_axis_name, {
+        "student_hidden": student_hidden, "student_head": student_head,
+        "teacher_hidden": teacher_hidden, "teacher_head": teacher_head,
+    })
+
+  dtype = c.compute_dtype(
+      student_hidden, student_head, teacher_hidden, teacher_head
+  )
+  prm = _params(
+      dtype, k, temperature=temperature, logit_scale=logit_scale,
+      soft_cap=soft_cap, beta=beta, alpha=alpha,
+      teacher_weights=teacher_weights,
+  )
+  st = _Static(
+      divergence, teacher_reduction, token_chunk, vocab_chunk,
+      soft_cap is not None, vocab_axis_name,
+  )
+  hs = jnp.asarray(student_hidden)
+  hs = hs.reshape((-1, hs.shape[-1]))
+  ht = jnp.asarray(teacher_hidden)
+  ht = ht.reshape((k, -1, ht.shape[-1]))
+  wt = jnp.asarray(teacher_head)
+  wt = wt.reshape((k,) + wt.shape[-2:])
+  ws = jnp.asarray(student_head)
+  flat_mask = None if mask is None else mask.reshape(-1)
+  if flat_mask is not None:
+    # Masked rows become zeros, so a nan or inf they held reaches neither the
+    # value nor (through the where's transpose) the gradients.
+    hs = jnp.where(flat_mask[:, None], hs, jnp.zeros((), hs.dtype))
+    ht = jnp.where(flat_mask[None, :, None], ht, jnp.zeros((), ht.dtype))
+  ht, wt = lax.stop_gradient(ht), lax.stop_gradient(wt)
+
+  if hs.shape[0] == 0:
+    per_token = jnp.zeros((0,), dtype)
+  else:
+    per_token = _fused(st, hs, ws, ht, wt, prm)
+  if flat_mask is not None:
+    per_token = jnp.where(flat_mask, per_token, jnp.zeros((), dtype))
+  if reduction == "none":
+    return per_token.reshape(lead)
+  total, count = _tokens.token_sum_and_count(per_token, flat_mask)
+  if reduction == "sum_and_count":
+    return total, count
+  return _tokens.mean_from_sum_and_count(total, count)
