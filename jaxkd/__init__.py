@@ -4,6 +4,8 @@ Modules, each imported on first use (``import jaxkd.losses`` imports jax and
 nothing heavier; no import changes the environment):
 
 * ``losses``: pure loss functions of arrays;
+* ``lm``: what language models need around them (token means, next-token
+  alignment, the fused vocabulary-tiled loss, the teacher cache, a sampler);
 * ``schedules``: what optax's schedules lack (adaptive weights, grids);
 * ``models``: the model contract and the bundled architectures;
 * ``objective``: the terms of a distillation objective;
@@ -29,6 +31,7 @@ _SUBMODULES = (
     "cpu",
     "data",
     "folding",
+    "lm",
     "losses",
     "methods",
     "models",
