@@ -463,3 +463,14 @@ def test_a_traced_invalid_temperature_is_nan_and_named_in_the_metrics():
     assert int(metrics["nonfinite"]) == bad
     if bad:  # The default policy leaves the state alone.
       jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+
+
+def test_label_term_refuses_labels_of_the_wrong_shape():
+  # [B, 1] labels once broadcast into [B, B, C] and trained to chance.
+  batch = tiny.digit_batches(16, 1, seed=4)[0]
+  spec = train_step.Distillation(
+      student=STUDENT, objective=[objective.LabelTerm()],
+      optimizer=optax.sgd(0.1))
+  bad = {**batch, "label": batch["label"][:, None]}
+  with pytest.raises(ValueError, match="`labels` must be integer"):
+    spec.init(jax.random.key(0), bad)

@@ -4,6 +4,8 @@ Per-example losses return the input's leading shape and leave the reduction
 to the caller; batch-level losses say so and return a scalar.
 """
 
+from jaxkd.losses._classification import cross_entropy as cross_entropy
+
 from jaxkd.losses._soft_target import distillation_loss as distillation_loss
 from jaxkd.losses._soft_target import kd_loss as kd_loss
 from jaxkd.losses._soft_target import kl_divergence as kl_divergence
