@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import logging
 import os
@@ -268,29 +267,26 @@ def _best_index(
   return best
 
 
-@dataclasses.dataclass
-class _LatestAndBest:
-  """Orbax preservation policy: the last ``n`` steps and the best one.
+def _preservation_policy(
+    n: int | None, metric_fn, mode: str
+) -> ocp.checkpoint_managers.PreservationPolicy:
+  """The last ``n`` steps, and with ``metric_fn`` the best one too.
 
-  A checkpoint without a finite value of the metric is kept only while it is
-  among the last ``n``.
+  ``metric_fn`` gives every step a number, the worst possible one to a step
+  without a finite value of the metric (:meth:`Checkpointer._orbax_metric`).
+  ``BestN`` sorts stably and keeps the last of the sorted steps, so among
+  ties the latest step wins. A step without the metric can thus win only
+  when no step has it; every step :meth:`Checkpointer.save` writes carries
+  Orbax's metrics item, so the winner is then the latest step, which
+  ``LatestN`` keeps anyway: no step is kept for being "best" without a
+  finite value.
   """
-
-  n: int | None
-  metric: str | None
-  mode: str
-
-  def should_preserve(self, checkpoints, *, context) -> list[bool]:
-    del context
-    count = len(checkpoints)
-    keep = [self.n is None or i >= count - self.n for i in range(count)]
-    if self.metric is not None:
-      best = _best_index(
-          [info.metrics for info in checkpoints], self.metric, self.mode
-      )
-      if best is not None:
-        keep[best] = True
-    return keep
+  policies = [ocp.checkpoint_managers.LatestN(n=n)]
+  if metric_fn is not None:
+    policies.append(ocp.checkpoint_managers.BestN(
+        n=1, get_metric_fn=metric_fn, reverse=mode == "min",
+        keep_checkpoints_without_metrics=False))
+  return ocp.checkpoint_managers.AnyPreservationPolicy(policies)
 
 
 # ---------------------------------------------------------------------------
@@ -354,11 +350,13 @@ class Checkpointer:
   Which checkpoints are kept: the last ``max_to_keep`` steps, and, with
   ``best_metric``, also the one step with the best finite value of
   ``metrics[best_metric]`` among every step saved so far (the latest of
-  ties; the best step is never deleted, so it stays the best of all). So at most ``max_to_keep + 1`` steps are on disk. A step whose
-  metrics lack ``best_metric`` (or hold NaN there) is kept only while it is
-  among the last ``max_to_keep``; it is never "best". (Orbax's own
-  ``best_fn`` with ``max_to_keep`` would keep the best ``max_to_keep`` steps
-  and drop recent ones, which a resumed run needs.)
+  ties; the best step is never deleted, so it stays the best of all). So at
+  most ``max_to_keep + 1`` steps are on disk. A step whose metrics lack
+  ``best_metric`` (or hold NaN there) is kept only while it is among the
+  last ``max_to_keep``; it is never "best". This is Orbax's
+  ``AnyPreservationPolicy([LatestN(max_to_keep), BestN(n=1)])``. (Orbax's
+  ``best_fn`` with ``max_to_keep`` alone would keep the best
+  ``max_to_keep`` steps and drop recent ones, which a resumed run needs.)
 
   Args:
     directory: Where the step directories go (created if missing).
@@ -406,23 +404,16 @@ class Checkpointer:
     self._directory = _as_path(directory)
     self._best_metric = best_metric
     self._best_mode = best_mode
-    worst = -np.inf if best_mode == "max" else np.inf
-
-    def best_fn(metrics):
-      value = _metric_value(metrics, best_metric)
-      return worst if value is None else value
-
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=int(save_interval_steps),
-        # Orbax writes (and reads back for its policies) the metrics only
-        # when `best_fn` is set.
-        best_fn=best_fn if best_metric is not None else None,
+        # Orbax writes (and reads back for the policy) the metrics only when
+        # `best_fn` is set; with a preservation policy it ranks nothing else.
+        best_fn=self._orbax_metric if best_metric is not None else None,
         best_mode=best_mode,
-        preservation_policy=_LatestAndBest(
-            n=None if max_to_keep is None else int(max_to_keep),
-            metric=best_metric,
-            mode=best_mode,
-        ),
+        preservation_policy=_preservation_policy(
+            None if max_to_keep is None else int(max_to_keep),
+            self._orbax_metric if best_metric is not None else None,
+            best_mode),
         create=True,
     )
     self._manager = ocp.CheckpointManager(
@@ -439,6 +430,13 @@ class Checkpointer:
   @property
   def directory(self) -> epath.Path:
     return self._directory
+
+  def _orbax_metric(self, metrics: Any) -> float:
+    """The best metric of one step for Orbax's ranking; the worst if none."""
+    value = _metric_value(metrics, self._best_metric)
+    if value is None:
+      return -np.inf if self._best_mode == "max" else np.inf
+    return value
 
   def __repr__(self) -> str:
     return (
