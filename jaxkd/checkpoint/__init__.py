@@ -20,6 +20,8 @@ Layout of ``directory``::
                            (only with ``best_metric``)
   <step>/jaxkd_files.json  size and checksum of every file of the step
   <step>.corrupt-<n>/      a damaged step, renamed aside by ``restore``
+  config.json              the run's config at its first start (``config=``)
+  config_history.jsonl     every start and every allowed config change
   teachers/<name>/         one directory per saved teacher group
 
 Example::
@@ -37,6 +39,7 @@ from jaxkd.checkpoint._checkpointer import CheckpointWriteError
 from jaxkd.checkpoint._checkpointer import Checkpointer
 from jaxkd.checkpoint._checkpointer import Restored
 from jaxkd.checkpoint._integrity import CorruptCheckpointError
+from jaxkd.checkpoint._run_config import ConfigMismatchError
 from jaxkd.checkpoint._teachers import load_teachers
 from jaxkd.checkpoint._teachers import save_teachers
 from jaxkd.checkpoint._teachers import saved_teacher_names
@@ -46,6 +49,7 @@ __all__ = [
     "STATE_FIELDS",
     "CheckpointWriteError",
     "Checkpointer",
+    "ConfigMismatchError",
     "CorruptCheckpointError",
     "Restored",
     "load_teachers",

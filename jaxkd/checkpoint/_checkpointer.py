@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno as errno_lib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from etils import epath
@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from jaxkd.checkpoint import _integrity
 from jaxkd.checkpoint import _reading
+from jaxkd.checkpoint import _run_config
 from jaxkd.checkpoint._guards import CheckpointWriteError
 from jaxkd.checkpoint._guards import _hold_orbax_errors
 from jaxkd.checkpoint._guards import _preservation_policy
@@ -100,6 +101,20 @@ class Checkpointer:
     save_interval_steps: :meth:`save` writes only steps that are multiples
       of this (and the first step saved into an empty directory), and only
       steps after the latest one on disk, unless ``force=True``.
+    config: The run's config, a JSON-able mapping (``None``: not checked).
+      Written to ``directory/config.json`` at the run's first start; each
+      start is recorded in ``directory/config_history.jsonl``. A start with
+      another config than the last recorded one, while the directory holds
+      a step to resume, raises :class:`ConfigMismatchError` naming each
+      changed field (``kd.temperature: 4.0 -> 2.0``).
+    allow_config_change: Resume despite a changed config; the change is
+      recorded in the history (``config.json`` keeps the first config).
+    changeable_config_keys: ``fnmatch`` patterns of dotted config keys that
+      may change on resume without ``allow_config_change`` (say
+      ``"num_epochs"`` to train longer); their changes are recorded too.
+
+  Raises:
+    ConfigMismatchError: See ``config``.
 
   .. versionadded:: 0.1.0
   """
@@ -112,6 +127,9 @@ class Checkpointer:
       best_metric: str | None = None,
       best_mode: str = "max",
       save_interval_steps: int = 1,
+      config: Mapping[str, Any] | None = None,
+      allow_config_change: bool = False,
+      changeable_config_keys: Sequence[str] = (),
   ):
     if max_to_keep is not None and (
         isinstance(max_to_keep, bool) or int(max_to_keep) < 1
@@ -161,7 +179,14 @@ class Checkpointer:
                 _reading.EXTRA_ITEM: ocp.JsonCheckpointHandler(),
             },
         )
+      if config is not None:
+        _run_config.record_config(
+            self._directory, config, latest_step=self._manager.latest_step(),
+            allow_change=bool(allow_config_change),
+            changeable=tuple(changeable_config_keys))
     except BaseException:
+      if hasattr(self, "_manager"):
+        self._manager.close()
       self._release()
       raise
     # step -> metrics (JSON) of the steps seen by this object.

@@ -134,7 +134,7 @@ def seal(step_dir: epath.Path) -> None:
   text = json.dumps({"algorithm": ALGORITHM, "files": files}, indent=1)
   tmp = step_dir / f".{MANIFEST}.tmp"
   tmp.write_text(text)
-  tmp.rename(step_dir / MANIFEST)
+  tmp.replace(step_dir / MANIFEST)
 
 
 def is_sealed(step_dir: epath.Path) -> bool:
