@@ -7,6 +7,11 @@ resumed run continues exactly; it checks every step's loss for NaN and
 infinities (``config.nonfinite``: stop naming the step, or skip); and it
 writes the run's logs: a tqdm progress bar (loss, accuracy, samples/s,
 ETA), ``metrics.jsonl``, TensorBoard events and ``curves.png``.
+
+The run's config is stored with its checkpoints; a resume with another
+config is refused naming the changed fields, except those in
+``RESUMABLE_CHANGES`` (``--config.allow_config_change=True`` overrides and
+records the change).
 """
 
 from __future__ import annotations
@@ -27,6 +32,26 @@ from jaxkd.state import DistillState
 logger = logging.getLogger(__name__)
 
 BEST_METRIC = "test/accuracy"
+
+# Config fields that may change when a run resumes (dotted keys, fnmatch
+# patterns); a change of any other field is refused unless
+# `config.allow_config_change` (the change is then recorded in the run's
+# checkpoints/config_history.jsonl). Train longer or shorter; move the data
+# or the saved teachers; log or checkpoint at another rate; choose other
+# seeds or methods for the pipeline's other runs.
+RESUMABLE_CHANGES = (
+    "num_epochs", "teacher.num_epochs",
+    "data_dir", "teacher.load_dir",
+    "log_every_steps", "progress_bar",
+    "checkpoint_every_epochs", "max_checkpoints",
+    "allow_config_change",
+    "pipeline.seeds", "pipeline.methods", "pipeline.notes",
+    "pipeline.latency_*", "compare.methods", "compare.seeds",
+)
+
+# What a teacher's run does not depend on: the student's side of the config.
+_STUDENT_ONLY = ("student", "optimizer", "method", "offline_teacher",
+                 "pipeline", "sweep", "compare")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,6 +78,10 @@ class Loop:
       ``jaxkd.checkpoint`` and back; ``None`` disables checkpoints.
     labels: For vmapped sweeps: one label per student, to name the entries
       of vector metrics.
+    steps_per_epoch: ``None``: the data's.
+    config: What the run's checkpoints are checked against on resume (a
+      JSON-able mapping; see ``RESUMABLE_CHANGES``); ``None``: the whole
+      ``ctx.config``.
   """
 
   name: str
@@ -67,7 +96,21 @@ class Loop:
   to_checkpoint: Callable[[Any], DistillState] | None = None
   from_checkpoint: Callable[[Any, DistillState], Any] | None = None
   labels: Sequence[str] | None = None
-  steps_per_epoch: int | None = None  # None: the data's
+  steps_per_epoch: int | None = None
+  config: Mapping[str, Any] | None = None
+
+
+def teacher_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The part of an experiment config a teacher's run depends on.
+
+  Everything but the student's model, optimiser and method (with every
+  method's sub-config) and the modes' lists, so that distilling another
+  way in the same workdir resumes the teachers it shares.
+  """
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+
+  drop = set(_STUDENT_ONLY) | set(common.method_configs())
+  return {k: v for k, v in config.items() if k not in drop}
 
 
 def _flatten(values: Mapping[str, Any],
@@ -125,7 +168,11 @@ def run_loop(ctx: Any, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
   if loop.to_checkpoint is not None:
     checkpointer = checkpoint_lib.Checkpointer(
         loop.run_dir / "checkpoints", max_to_keep=config.max_checkpoints,
-        best_metric=BEST_METRIC)
+        best_metric=BEST_METRIC,
+        config=loop.config if loop.config is not None else config.to_dict(),
+        allow_config_change=bool(getattr(config, "allow_config_change",
+                                         False)),
+        changeable_config_keys=RESUMABLE_CHANGES)
   if checkpointer is not None and checkpointer.latest_step() is not None:
     target = loop.to_checkpoint(state)
     restored, data_state, _ = checkpointer.restore(target)

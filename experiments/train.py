@@ -446,6 +446,7 @@ def train_teacher(ctx: Context, seed: int, index: int,
       ctx, name=name, run_dir=run_dir, distillation=distillation,
       state=state, batches=ctx.data.train_iterator(run_seed),
       num_epochs=epochs)
+  loop.config = loop_lib.teacher_config(config.to_dict())
   state, history = loop_lib.run_loop(ctx, loop, state)
   result = _run_result(role="teacher", name=name, method="labels",
                        model_name=model_name, seed=seed,

@@ -536,3 +536,75 @@ def test_json_files_are_readable(tmp_path):
   extra = json.loads((tmp_path / "2" / "extra" / "metadata").read_text())
   assert extra["metrics"] == {"accuracy": 0.5}
   assert extra["data_state"] == {"kind": "bytes", "value": "AA=="}
+
+
+# ---------------------------------------------------------------------------
+# 7. The run's config: a resume knows what it resumes.
+# ---------------------------------------------------------------------------
+
+
+CONFIG = {"kd": {"temperature": 4.0, "alpha": 0.9}, "method": "kd",
+          "num_epochs": 10, "schedule": [1, 2]}
+
+
+def history(directory):
+  return [json.loads(line) for line in
+          (directory / "config_history.jsonl").read_text().splitlines()]
+
+
+def test_config_is_stored_and_a_change_is_refused(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, config=CONFIG) as ckpt:
+    ckpt.save(trained_state())
+  assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
+  assert [e["event"] for e in history(tmp_path)] == ["start"]
+  # The same config again: nothing to record.
+  checkpoint.Checkpointer(tmp_path, config=dict(CONFIG)).close()
+  assert len(history(tmp_path)) == 1
+  changed = {**CONFIG, "kd": {"temperature": 2.0, "alpha": 0.9},
+             "method": "dkd", "schedule": [1, 3], "new": True}
+  with pytest.raises(
+      checkpoint.ConfigMismatchError,
+      match=r"latest step 2\) were saved with another config\. Changed:"
+            r' kd\.temperature: 4\.0 -> 2\.0; method: "kd" -> "dkd"; new:'
+            r" <absent> -> true; schedule: \[1, 2\] -> \[1, 3\]\."):
+    checkpoint.Checkpointer(tmp_path, config=changed)
+  assert len(history(tmp_path)) == 1  # nothing written
+
+
+def test_an_allowed_change_is_recorded(tmp_path, caplog):
+  with checkpoint.Checkpointer(tmp_path, config=CONFIG) as ckpt:
+    ckpt.save(trained_state())
+  longer = {**CONFIG, "num_epochs": 20}
+  # A changeable key needs no permission.
+  checkpoint.Checkpointer(tmp_path, config=longer,
+                          changeable_config_keys=["num_*"]).close()
+  hotter = {**longer, "kd": {"temperature": 8.0, "alpha": 0.9}}
+  with caplog.at_level(logging.WARNING, logger="jaxkd.checkpoint"):
+    with checkpoint.Checkpointer(tmp_path, config=hotter,
+                                 allow_config_change=True) as ckpt:
+      assert ckpt.restore(fresh_state()).step == 2
+  assert "changed config (allowed): kd.temperature: 4.0 -> 8.0" in caplog.text
+  events = history(tmp_path)
+  assert [(e["event"], e.get("forced")) for e in events] == [
+      ("start", None), ("change", False), ("change", True)]
+  assert events[1]["changes"] == {"num_epochs": {"old": 10, "new": 20}}
+  assert events[2]["changes"] == {"kd.temperature": {"old": 4.0, "new": 8.0}}
+  assert events[2]["step"] == 2 and events[2]["config"] == hotter
+  # config.json keeps the first config; the next start compares with the
+  # last accepted one.
+  assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
+  checkpoint.Checkpointer(tmp_path, config=hotter).close()
+  with pytest.raises(checkpoint.ConfigMismatchError,
+                     match=r"Changed: kd\.temperature: 8\.0 -> 4\.0;"
+                           r" num_epochs: 20 -> 10\. Resume"):
+    checkpoint.Checkpointer(tmp_path, config=CONFIG)
+
+
+def test_a_directory_without_steps_takes_the_new_config(tmp_path):
+  checkpoint.Checkpointer(tmp_path, config=CONFIG).close()
+  other = {**CONFIG, "method": "dkd"}
+  checkpoint.Checkpointer(tmp_path, config=other).close()
+  assert json.loads((tmp_path / "config.json").read_text()) == other
+  assert [e["event"] for e in history(tmp_path)] == ["start", "restart"]
+  with pytest.raises(TypeError, match="`config` must be JSON-serializable"):
+    checkpoint.Checkpointer(tmp_path / "x", config={"f": object()})

@@ -203,6 +203,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.progress_bar = True
   config.checkpoint_every_epochs = 1
   config.max_checkpoints = 2
+  config.allow_config_change = False  # resume despite a changed config
   # -- Modes -------------------------------------------------------------------
   config.pipeline = ml_collections.ConfigDict(dict(
       seeds=5,
