@@ -96,18 +96,31 @@ def test_top_k_one_equals_greedy():
     np.testing.assert_array_equal(got, want)
 
 
-def test_traced_zero_temperature_is_greedy_under_jit():
+def test_under_jit_traced_zero_temperature_is_greedy_and_bad_lengths_mask():
   model, params, state = tiny_lm()
   fn = jax.jit(
-      lambda p, t, key: _sampling.sample(
-          model, p, state, jnp.asarray(PROMPT), jnp.asarray(LENGTHS),
-          key=key, max_new_tokens=NEW, temperature=t, top_p=0.9,
+      lambda p, lengths, t, key: _sampling.sample(
+          model, p, state, jnp.asarray(PROMPT), lengths,
+          key=key, max_new_tokens=NEW, temperature=t, top_p=0.9, pad_id=11,
       )
   )
-  tokens, mask = fn(params, jnp.float32(0.0), jax.random.key(9))
-  greedy = run_sample(temperature=0.0)
+  greedy = run_sample(temperature=0.0, pad_id=11)
+  tokens, mask = fn(params, jnp.asarray(LENGTHS), 0.0, jax.random.key(9))
   np.testing.assert_array_equal(tokens, greedy[0])
   np.testing.assert_array_equal(mask, greedy[1])
+  # The same compiled function samples at a traced temperature > 0, as the
+  # eager call does (same options and key).
+  tokens, mask = fn(params, jnp.asarray(LENGTHS), 1.5, jax.random.key(9))
+  eager = run_sample(temperature=1.5, top_p=0.9, pad_id=11,
+                     key=jax.random.key(9))
+  np.testing.assert_array_equal(tokens, eager[0])
+  np.testing.assert_array_equal(mask, eager[1])
+  # A traced length outside [1, prompt_len] masks its whole row.
+  tokens, mask = fn(
+      params, jnp.asarray([4, 0, 7], jnp.int32), 0.0, jax.random.key(9)
+  )
+  np.testing.assert_array_equal(tokens[0], greedy[0][0])
+  assert not mask[1:].any() and np.all(tokens[1:] == 11)
 
 
 def test_sampled_tokens_lie_in_the_filtered_set():
@@ -130,17 +143,6 @@ def test_same_key_same_tokens_other_key_other_tokens():
   assert np.any(a[0] != c[0])
 
 
-def test_jit_equals_eager():
-  model, params, state = tiny_lm()
-  kwargs = dict(max_new_tokens=NEW, temperature=1.5, top_p=0.8, eos_id=2)
-  fn = lambda p, prompt, lengths, key: _sampling.sample(  # noqa: E731
-      model, p, state, prompt, lengths, key=key, **kwargs
-  )
-  args = (params, jnp.asarray(PROMPT), jnp.asarray(LENGTHS), jax.random.key(4))
-  for got, want in zip(jax.jit(fn)(*args), fn(*args)):
-    np.testing.assert_array_equal(got, want)
-
-
 def test_eos_stops_a_row_and_pads_after_it():
   plain, _ = run_sample(temperature=0.0)
   eos_id = int(plain[0, LENGTHS[0] + 1])  # Row 0's second new token.
@@ -160,21 +162,6 @@ def test_prompt_mask_equals_lengths_and_prompt_padding_is_ignored():
                        lengths=prefix_mask)
   for got, want in zip(by_mask, by_lengths):
     np.testing.assert_array_equal(got, want)
-
-
-def test_traced_bad_length_masks_the_row():
-  model, params, state = tiny_lm()
-  fn = jax.jit(
-      lambda lengths: _sampling.sample(
-          model, params, state, jnp.asarray(PROMPT), lengths,
-          key=jax.random.key(0), max_new_tokens=NEW, temperature=0.0,
-          pad_id=11,
-      )
-  )
-  tokens, mask = fn(jnp.asarray([4, 0, 7], jnp.int32))
-  good = run_sample(temperature=0.0, pad_id=11)
-  np.testing.assert_array_equal(tokens[0], good[0][0])
-  assert not mask[1:].any() and np.all(tokens[1:] == 11)
 
 
 def test_zero_new_tokens_returns_the_prompt():
