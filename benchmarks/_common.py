@@ -46,6 +46,8 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 # Where results go without --publish (relative to the working directory).
 WORK_DIR = pathlib.Path("runs") / "benchmarks"
 STRATEGIES = ("vmap", "scan", "unroll", "auto")
+# The bundled image classifiers (the language models take tokens).
+IMAGE_MODELS = tuple(n for n in models.available() if not n.startswith("lm_"))
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # The RepDistiller recipe the PyTorch reference uses too.

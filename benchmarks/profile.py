@@ -76,9 +76,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       prog="python -m benchmarks.profile", description=__doc__.split("\n")[0]
   )
   parser.add_argument("--student", default="resnet8x4",
-                      choices=models.available())
+                      choices=_common.IMAGE_MODELS)
   parser.add_argument("--teacher", default="resnet32x4",
-                      choices=models.available())
+                      choices=_common.IMAGE_MODELS)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--no_torch", dest="torch", action="store_false",
                       help="Profile jaxkd only.")

@@ -47,9 +47,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0]
   )
   parser.add_argument("--student", default="resnet8x4",
-                      choices=models.available())
+                      choices=_common.IMAGE_MODELS)
   parser.add_argument("--teacher", default="resnet32x4",
-                      choices=models.available())
+                      choices=_common.IMAGE_MODELS)
   parser.add_argument("--devices", type=_common.int_list, default=[1, 2, 4, 8])
   parser.add_argument("--per_device_batch", type=int, default=16)
   parser.add_argument("--teachers", type=int, default=1, help="K.")

@@ -55,9 +55,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0]
   )
   parser.add_argument("--student", default="resnet8x4",
-                      choices=models.available())
+                      choices=_common.IMAGE_MODELS)
   parser.add_argument("--teacher", default="resnet32x4",
-                      choices=models.available())
+                      choices=_common.IMAGE_MODELS)
   parser.add_argument("--batch_sizes", type=_common.int_list, default=[64, 128])
   parser.add_argument("--teachers", type=_common.int_list,
                       default=[1, 2, 4, 8], help="Values of K.")

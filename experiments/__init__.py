@@ -1,0 +1,1 @@
+"""The experiment CLI (``python -m experiments.main``), its configs and committed results."""

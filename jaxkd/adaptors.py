@@ -30,6 +30,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "ConvAdaptor",
+    "LinearAdaptor",
+    "adaptor_for",
+]
+
 Array = jax.Array
 Initializer = Any  # ``jax.nn.initializers.Initializer``.
 Shape = Sequence[int]

@@ -59,6 +59,10 @@ import numpy as np
 
 from jaxkd.models import Model
 
+__all__ = [
+    "fold_batchnorm",
+]
+
 PyTree = Any
 Path = tuple[str, ...]
 

@@ -16,14 +16,14 @@ their shardings (GSPMD). This module builds the mesh and the placements:
   stacked teachers split over ``"teacher"`` when that axis is larger than 1
   (each device runs its own teachers under the ``"vmap"`` strategy);
 * multi-host helpers: :func:`initialize_distributed`,
-  :func:`process_data_slice` and :func:`host_batch_to_global`, which assembles
-  a global batch from every process's local slice.
+  :func:`process_batch_rows` and :func:`host_batch_to_global`, which
+  assembles a global batch from every process's local slice.
 
 Example::
 
   mesh = sharding.make_mesh()                     # every device on "data"
   state = sharding.shard_state(spec.init(key, batch, tvars), mesh)
-  step = train_step.make_train_step(spec)  # or make_sharded_train_step
+  step = train_step.make_train_step(spec)  # or state_shardings=...
   for batch in batches:
     state, metrics = step(state, sharding.shard_batch(batch, mesh))
 
@@ -56,8 +56,25 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxkd import teachers as teachers_lib
-from jaxkd import train_step as train_step_lib
 from jaxkd.state import DistillState
+
+__all__ = [
+    "AXIS_NAMES",
+    "DATA_AXIS",
+    "DEFAULT_FSDP_MIN_SIZE",
+    "TEACHER_AXIS",
+    "TEACHER_AXIS_FIRST_KEYS",
+    "batch_sharding",
+    "batch_shardings",
+    "host_batch_to_global",
+    "initialize_distributed",
+    "make_mesh",
+    "process_batch_rows",
+    "replicated",
+    "shard_batch",
+    "shard_state",
+    "state_shardings",
+]
 
 PyTree = Any
 
@@ -332,7 +349,7 @@ def shard_batch(
 # ---------------------------------------------------------------------------
 
 
-def fsdp_spec(
+def _fsdp_spec(
     shape: Sequence[int],
     axis_size: int,
     *,
@@ -349,9 +366,9 @@ def fsdp_spec(
 
   Examples:
     >>> from jaxkd import sharding
-    >>> sharding.fsdp_spec((3, 512, 256), 8, min_size=1024)
+    >>> sharding._fsdp_spec((3, 512, 256), 8, min_size=1024)
     (None, 'data', None)
-    >>> sharding.fsdp_spec((3, 5), 8, min_size=1)  # nothing divisible by 8
+    >>> sharding._fsdp_spec((3, 5), 8, min_size=1)  # nothing divisible by 8
     (None, None)
 
   .. versionadded:: 0.1.0
@@ -437,7 +454,7 @@ def state_shardings(
     if not fsdp:
       return replicated(mesh)
     return NamedSharding(
-        mesh, _spec(fsdp_spec(np.shape(leaf), data, min_size=fsdp_min_size))
+        mesh, _spec(_fsdp_spec(np.shape(leaf), data, min_size=fsdp_min_size))
     )
 
   def teacher_leaf(leaf):
@@ -445,7 +462,7 @@ def state_shardings(
     spec = [None] * len(shape)
     if fsdp_teachers:
       spec = list(
-          fsdp_spec(shape, data, min_size=fsdp_min_size, skip_leading=1)
+          _fsdp_spec(shape, data, min_size=fsdp_min_size, skip_leading=1)
       )
     if teacher > 1:
       spec[0] = TEACHER_AXIS
@@ -479,7 +496,7 @@ def shard_state(
     replicated on every device; with ``fsdp=True``, each of their leaves of
     at least ``fsdp_min_size`` elements is instead split over ``"data"``
     along its largest axis divisible by the ``"data"`` size (see
-    :func:`fsdp_spec`). Adam's moments have their parameters' shapes and so
+    :func:`_fsdp_spec`). Adam's moments have their parameters' shapes and so
     their shardings.
   * The stacked teachers (``state.teachers``) are replicated, FSDP-split
     likewise (never along the stacked teacher axis) when ``fsdp_teachers``
@@ -519,39 +536,6 @@ def shard_state(
       fsdp_teachers=fsdp_teachers,
   )
   return jax.device_put(state, shardings)
-
-
-def make_sharded_train_step(
-    distillation: train_step_lib.Distillation,
-    shardings: DistillState,
-    *,
-    donate: bool = True,
-):
-  """:func:`jaxkd.train_step.make_train_step` with a fixed state layout.
-
-  ``make_train_step`` already runs on a placed state and batch: the compiler
-  follows their shardings. This variant also pins the shardings of the new
-  state to ``shardings`` (from :func:`state_shardings`), so that the layout
-  cannot drift from step to step, the donated buffers are reused, and a
-  checkpoint restored with the same shardings continues unchanged. The
-  metrics are left to the compiler (scalars come out replicated).
-
-  Args:
-    distillation: The run's :class:`~jaxkd.train_step.Distillation`.
-    shardings: The state's shardings (:func:`state_shardings`).
-    donate: Whether the input state's buffers are donated.
-
-  Returns:
-    The jitted ``(state, batch) -> (state, metrics)``.
-
-  .. versionadded:: 0.1.0
-  """
-  step = train_step_lib.make_train_step(distillation, donate=False)
-  return jax.jit(
-      step,
-      out_shardings=(shardings, None),
-      donate_argnums=(0,) if donate else (),
-  )
 
 
 # ---------------------------------------------------------------------------
@@ -599,34 +583,36 @@ def initialize_distributed(**kwargs: Any) -> bool:
   return True
 
 
-def process_data_slice(
-    num_examples: int,
+def process_batch_rows(
+    batch_size: int,
     *,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> slice:
-  """The contiguous examples of a data set this process reads.
+  """The rows of a global batch that this process feeds.
 
-  Process ``i`` of ``P`` reads examples ``[i * n, (i + 1) * n)`` with
-  ``n = num_examples // P``; the last ``num_examples % P`` examples are left
-  out, so that every process reads as many batches and the processes take
-  their steps together. With :func:`make_mesh` over ``jax.devices()`` and
-  :func:`host_batch_to_global`, process ``i``'s local batch becomes rows
-  ``[i * b, (i + 1) * b)`` of the global batch.
+  With :func:`make_mesh` over ``jax.devices()``, process ``i`` of ``P`` holds
+  the devices of rows ``[i * b, (i + 1) * b)`` of a global batch of
+  ``batch_size = P * b``, and :func:`host_batch_to_global` puts process
+  ``i``'s local batch there. Use it to cut a global batch that every process
+  has (a test, a small in-memory data set) into the local parts. A data
+  loader reading a large data set need not: ``jaxkd.data.make_loader``
+  already gives each process its own examples (strided over the processes)
+  as its local batch.
 
   Args:
-    num_examples: Size of the data set.
+    batch_size: The global batch size, divisible by the process count.
     process_index: This process; ``jax.process_index()`` by default.
     process_count: The number of processes; ``jax.process_count()`` by
       default.
 
   Returns:
-    A ``slice`` of the example indices.
+    A ``slice`` of the batch's rows.
 
   Examples:
     >>> from jaxkd import sharding
-    >>> sharding.process_data_slice(10, process_index=1, process_count=3)
-    slice(3, 6, None)
+    >>> sharding.process_batch_rows(12, process_index=1, process_count=3)
+    slice(4, 8, None)
 
   .. versionadded:: 0.1.0
   """
@@ -640,12 +626,12 @@ def process_data_slice(
         f"`process_index` must lie in [0, {process_count}), got"
         f" {process_index}."
     )
-  if num_examples < process_count:
+  if batch_size % process_count:
     raise ValueError(
-        f"`num_examples`={num_examples} cannot be split over"
+        f"`batch_size`={batch_size} is not divisible by the"
         f" {process_count} processes."
     )
-  n = num_examples // process_count
+  n = batch_size // process_count
   return slice(process_index * n, (process_index + 1) * n)
 
 
@@ -675,7 +661,7 @@ def host_batch_to_global(
   """Assembles a global batch from every process's local slice of it.
 
   Each process passes the examples it read (for example with
-  :func:`process_data_slice`); the result is one global ``jax.Array`` per
+  :func:`process_batch_rows` or a data loader); the result is one global ``jax.Array`` per
   entry, sharded over ``"data"`` as :func:`shard_batch` would shard the
   concatenation of the processes' batches in process order (with
   :func:`make_mesh` over ``jax.devices()``). No data crosses processes: each

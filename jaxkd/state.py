@@ -7,6 +7,11 @@ from typing import Any
 from flax import struct
 import jax
 
+__all__ = [
+    "DistillState",
+    "own_copy",
+]
+
 PyTree = Any
 
 

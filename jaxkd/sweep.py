@@ -31,6 +31,14 @@ from jaxkd.state import DistillState
 from jaxkd.train_step import Batch
 from jaxkd.train_step import Distillation
 
+__all__ = [
+    "init_sweep",
+    "make_sweep_eval_step",
+    "make_sweep_step",
+    "select",
+    "sweep_size",
+]
+
 
 def _axes(state: DistillState, axis: int | None) -> DistillState:
   """vmap axes of a sweep state: everything stacked but the teachers."""

@@ -55,6 +55,21 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxkd.models import Model
 
+__all__ = [
+    "STRATEGIES",
+    "TeacherGroup",
+    "TeacherOutputs",
+    "TeacherVariables",
+    "apply_teacher_groups",
+    "apply_teachers",
+    "check_same_classes",
+    "num_stacked",
+    "resolve_strategy",
+    "shard_teacher_axis",
+    "stack_params",
+    "unstack_params",
+]
+
 PyTree = Any
 Array = jax.Array
 

@@ -34,6 +34,19 @@ from jaxkd.models import Model
 from jaxkd import state as state_lib
 from jaxkd.state import DistillState
 
+__all__ = [
+    "Distillation",
+    "NONFINITE_POLICIES",
+    "Views",
+    "cache_teacher_outputs",
+    "evaluation_metrics",
+    "expand_top_k",
+    "make_eval_step",
+    "make_train_step",
+    "make_views",
+    "summarize",
+]
+
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 ViewFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -607,17 +620,28 @@ def evaluation_metrics(
 
 
 def make_train_step(
-    distillation: Distillation, *, donate: bool = True
+    distillation: Distillation,
+    *,
+    donate: bool = True,
+    state_shardings: DistillState | None = None,
 ) -> Callable[[DistillState, Batch], tuple[DistillState, dict]]:
   """The jitted pure step ``(state, batch) -> (state, metrics)``.
 
   The state is donated (its buffers are reused for the new state) unless
   ``donate=False``. Randomness of step ``s`` comes from
   ``fold_in(state.rng, s)``.
+
+  On a placed state and batch (``jaxkd.sharding``) the compiler follows
+  their shardings. ``state_shardings`` (from
+  ``jaxkd.sharding.state_shardings``) also pins the new state's layout, so
+  that it cannot drift from step to step and a checkpoint restored with the
+  same shardings continues unchanged; the metrics are left to the compiler.
   """
   return jax.jit(
       distillation._train_step,  # pylint: disable=protected-access
       donate_argnums=(0,) if donate else (),
+      out_shardings=None if state_shardings is None else (
+          state_shardings, None),
   )
 
 

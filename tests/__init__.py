@@ -1,0 +1,1 @@
+"""Tests: float64 NumPy references, gradient checks, property tests, doctests."""

@@ -47,3 +47,54 @@ def test_main_command_produced_the_committed_results():
   assert f"- Command: `{command} --publish`" in results, (
       f"experiments/results/{name}.md was not made by the README's main"
       " command: run it again with --publish.")
+
+
+def test_layout_section_is_current():
+  from tools import layout  # pylint: disable=g-import-not-at-top
+  assert layout.render(README) == README, (
+      "README.md's layout is out of date: run `python -m tools.layout"
+      " --write`")
+
+
+def _imports(path: pathlib.Path) -> list[str]:
+  import ast  # pylint: disable=g-import-not-at-top
+  tree = ast.parse(path.read_text())
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out += [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      out.append(node.module)
+      out += [f"{node.module}.{a.name}" for a in node.names]
+  return [name for name in out if name.split(".")[0] == "jaxkd"]
+
+
+def _package(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1])
+
+
+def test_imports_flow_one_way_and_never_reach_into_private_modules():
+  offenders = []
+  for folder in ("jaxkd", "experiments", "benchmarks", "tools"):
+    for path in sorted((ROOT / folder).rglob("*.py")):
+      package = _package(path)
+      for name in _imports(path):
+        parts = name.split(".")
+        private = [i for i, p in enumerate(parts) if p.startswith("_")]
+        if private:
+          owner = ".".join(parts[:private[0]])
+          if owner != package and not package.startswith(owner + "."):
+            offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+  assert not offenders, offenders
+  # The losses and schedules import nothing else of jaxkd; jaxkd.lm only
+  # the losses.
+  rooms = {"jaxkd/losses": ("jaxkd.losses",), "jaxkd/schedules.py": (),
+           "jaxkd/lm": ("jaxkd.lm", "jaxkd.losses")}
+  for room, allowed in rooms.items():
+    paths = ([ROOT / room] if room.endswith(".py")
+             else sorted((ROOT / room).rglob("*.py")))
+    for path in paths:
+      for name in _imports(path):
+        assert any(name == a or name.startswith(a + ".") for a in allowed), (
+            f"{path.relative_to(ROOT)} imports {name}")

@@ -396,7 +396,7 @@ def test_fsdp_and_teacher_axis_match_one_device():
   assert placed.step.sharding.spec == P()
   assert placed.rng.sharding.spec == P()
 
-  step = sharding.make_sharded_train_step(spec, shardings)
+  step = train_step.make_train_step(spec, state_shardings=shardings)
   result = run_steps(step, placed, batches,
                      lambda b: sharding.shard_batch(b, mesh))
   # The state keeps its layout from step to step (and was donated).
@@ -422,15 +422,15 @@ def test_fsdp_min_size_and_teacher_only_fsdp():
 
 
 def test_fsdp_spec():
-  assert sharding.fsdp_spec((3, 512, 256), 8, min_size=1024) == (
+  assert sharding._fsdp_spec((3, 512, 256), 8, min_size=1024) == (
       None, "data", None)
-  assert sharding.fsdp_spec((256, 256), 8, min_size=1) == (None, "data")
-  assert sharding.fsdp_spec((16, 3), 8, min_size=1) == ("data", None)
-  assert sharding.fsdp_spec((16, 3), 8, min_size=49) == (None, None)
-  assert sharding.fsdp_spec((16, 8), 8, min_size=1, skip_leading=1) == (
+  assert sharding._fsdp_spec((256, 256), 8, min_size=1) == (None, "data")
+  assert sharding._fsdp_spec((16, 3), 8, min_size=1) == ("data", None)
+  assert sharding._fsdp_spec((16, 3), 8, min_size=49) == (None, None)
+  assert sharding._fsdp_spec((16, 8), 8, min_size=1, skip_leading=1) == (
       None, "data")
-  assert sharding.fsdp_spec((16, 3), 1, min_size=1) == (None, None)
-  assert sharding.fsdp_spec((), 8, min_size=0) == ()
+  assert sharding._fsdp_spec((16, 3), 1, min_size=1) == (None, None)
+  assert sharding._fsdp_spec((), 8, min_size=0) == ()
 
 
 def test_state_shardings_of_an_abstract_state():
@@ -462,16 +462,16 @@ def test_shard_state_errors():
 # ---------------------------------------------------------------------------
 
 
-def test_process_data_slice():
-  slices = [sharding.process_data_slice(10, process_index=i, process_count=3)
+def test_process_batch_rows():
+  slices = [sharding.process_batch_rows(12, process_index=i, process_count=3)
             for i in range(3)]
-  assert slices == [slice(0, 3), slice(3, 6), slice(6, 9)]
-  assert sharding.process_data_slice(10) == slice(0, 10)  # one process
+  assert slices == [slice(0, 4), slice(4, 8), slice(8, 12)]
+  assert sharding.process_batch_rows(10) == slice(0, 10)  # one process
   with pytest.raises(ValueError, match=r"`process_index` must lie in"
                      r" \[0, 2\), got 2"):
-    sharding.process_data_slice(10, process_index=2, process_count=2)
-  with pytest.raises(ValueError, match=r"`num_examples`=1 cannot be split"):
-    sharding.process_data_slice(1, process_index=0, process_count=2)
+    sharding.process_batch_rows(10, process_index=2, process_count=2)
+  with pytest.raises(ValueError, match=r"`batch_size`=5 is not divisible"):
+    sharding.process_batch_rows(5, process_index=0, process_count=2)
 
 
 def test_host_batch_to_global_in_one_process_is_shard_batch():
@@ -500,7 +500,7 @@ def _multihost_worker() -> list[float]:
   mesh = sharding.make_mesh()
   state = sharding.shard_state(state, mesh)
   step = train_step.make_train_step(spec, donate=False)
-  rows = sharding.process_data_slice(BATCH)
+  rows = sharding.process_batch_rows(BATCH)
   assert rows.stop - rows.start == BATCH // 2
   state = run_steps(
       step, state, batches,

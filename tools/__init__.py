@@ -1,0 +1,1 @@
+"""README generators: the API table, the results, the benchmarks, the layout."""

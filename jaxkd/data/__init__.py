@@ -55,3 +55,17 @@ from jaxkd.data._sources import (
 )
 from jaxkd.data._sources import data_source as data_source
 from jaxkd.data._sources import prepare as prepare
+
+__all__ = [
+    "AUGMENTATIONS",
+    "BatchIterator",
+    "DATASETS",
+    "DatasetNotPreparedError",
+    "DatasetSpec",
+    "check_split",
+    "data_source",
+    "get_spec",
+    "make_loader",
+    "prepare",
+    "resolve_data_dir",
+]

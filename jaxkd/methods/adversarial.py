@@ -41,6 +41,11 @@ import optax
 from jaxkd import losses
 from jaxkd import objective
 
+__all__ = [
+    "AdversarialTerm",
+    "Discriminator",
+]
+
 PyTree = Any
 
 _FEATURE_PREFIX = "feature:"
