@@ -27,6 +27,7 @@ from typing import Any
 
 _SUBMODULES = (
     "adaptors",
+    "batch_checks",
     "checkpoint",
     "cpu",
     "data",

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxkd import batch_checks
 from jaxkd import losses
 from jaxkd import objective as objective_lib
 from jaxkd import teachers as teachers_lib
@@ -139,6 +140,9 @@ class Distillation:
     nonfinite: ``"skip"`` leaves the state unchanged (but for the step
       counter) when the loss or a gradient is not finite, ``"apply"``
       applies the update anyway. Either way ``metrics["nonfinite"]`` is 1.
+      A bad batch (``jaxkd.batch_checks``: labels out of range, NaN inputs
+      or cached teacher outputs) never updates the state; it sets
+      ``metrics["bad_batch"]`` and ``metrics["bad/<field>"]``.
   """
 
   student: Model
@@ -474,24 +478,34 @@ class Distillation:
     model_state = {**model_state, "terms": term_states}
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Bad data (labels out of range, NaN inputs or cached teacher outputs)
+    # never updates the state, whatever the non-finite policy.
+    faults = batch_checks.batch_faults(
+        batch, num_classes=outputs.student_logits.shape[-1]
+    )
+    clean = jnp.logical_not(
+        jnp.any(jnp.stack([jnp.zeros((), jnp.int32), *faults.values()]))
+    )
+    apply = clean & finite if self.nonfinite == "skip" else clean
     new_state = state.replace(
         step=state.step + 1,
         params=params,
         model_state=model_state,
         opt_state=opt_state,
     )
-    if self.nonfinite == "skip":
-      # The teachers pass through untouched (and unbatched under a sweep).
-      new_state = jax.tree.map(
-          lambda new, old: jnp.where(finite, new, old),
-          new_state.replace(teachers=()),
-          state.replace(step=state.step + 1, teachers=()),
-      ).replace(teachers=state.teachers)
+    # The teachers pass through untouched (and unbatched under a sweep).
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(apply, new, old),
+        new_state.replace(teachers=()),
+        state.replace(step=state.step + 1, teachers=()),
+    ).replace(teachers=state.teachers)
     metrics = dict(metrics)
+    metrics.update(faults)
     metrics.update(
         loss=loss,
         grad_norm=grad_norm,
         nonfinite=jnp.logical_not(finite).astype(jnp.int32),
+        bad_batch=jnp.logical_not(clean).astype(jnp.int32),
     )
     return new_state, metrics
 

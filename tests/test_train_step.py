@@ -301,11 +301,13 @@ def test_nonfinite_loss_is_reported_and_skipped():
       optimizer=optax.adam(1e-2),
   )
   state = spec.init(jax.random.key(0), BATCHES[0], [variables])
+  # A NaN weight (not bad data) makes the loss NaN.
+  leaves, treedef = jax.tree.flatten(state.params)
+  leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+  state = state.replace(params=jax.tree.unflatten(treedef, leaves))
   step = train_step.make_train_step(spec, donate=False)
-  bad = {**BATCHES[0], "image": BATCHES[0]["image"].at[0, 0, 0, 0].set(
-      jnp.nan)}
-  new_state, metrics = step(state, bad)
-  assert int(metrics["nonfinite"]) == 1
+  new_state, metrics = step(state, BATCHES[0])
+  assert int(metrics["nonfinite"]) == 1 and int(metrics["bad_batch"]) == 0
   assert int(new_state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, new_state.params, state.params)
   jax.tree.map(np.testing.assert_array_equal, new_state.opt_state,
@@ -316,10 +318,47 @@ def test_nonfinite_loss_is_reported_and_skipped():
       optimizer=optax.adam(1e-2), nonfinite="apply",
   )
   poisoned, metrics = train_step.make_train_step(applying, donate=False)(
-      state, bad)
+      state, BATCHES[0])
   assert int(metrics["nonfinite"]) == 1
   assert not all(np.all(np.isfinite(x))
                  for x in jax.tree.leaves(poisoned.params))
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "apply"])
+def test_bad_batches_never_update_the_state_and_name_the_field(nonfinite):
+  batch = BATCHES[0]
+  cached = {**batch, "teacher_logits": jnp.zeros((1, 32, 10))}
+  spec = train_step.Distillation(
+      student=STUDENT, objective=KD, optimizer=optax.adam(1e-2),
+      nonfinite=nonfinite)
+  state = spec.init(jax.random.key(0), cached)
+  step = train_step.make_train_step(spec, donate=False)
+  labels = cached["label"]
+  cases = {
+      "label": [{**cached, "label": labels.at[3].set(v)}
+                for v in (10, -1, 1000)],
+      "image": [{**cached, "image": cached["image"].at[1, 2, 3, 0].set(v)}
+                for v in (jnp.nan, jnp.inf)],
+      "teacher_logits": [{**cached, "teacher_logits": cached[
+          "teacher_logits"].at[0, 5, 2].set(v)} for v in (jnp.nan, jnp.inf)],
+  }
+  for field, bad_batches in cases.items():
+    for bad in bad_batches:
+      new, metrics = step(state, bad)
+      assert int(metrics["bad_batch"]) == 1, field
+      assert {k for k, v in metrics.items()
+              if k.startswith("bad/") and int(v)} == {f"bad/{field}"}
+      assert int(new.step) == 1
+      jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+      jax.tree.map(np.testing.assert_array_equal, new.opt_state,
+                   state.opt_state)
+  # -inf in cached teacher logits is a class of probability zero: fine.
+  fine = {**cached, "teacher_logits": cached["teacher_logits"].at[
+      0, :, 9].set(-jnp.inf)}
+  new, metrics = step(state, fine)
+  assert int(metrics["bad_batch"]) == 0 and int(metrics["nonfinite"]) == 0
+  assert any(bool(np.any(a != b)) for a, b in zip(
+      jax.tree.leaves(new.params), jax.tree.leaves(state.params)))
 
 
 def test_sweep_equals_separate_runs():
