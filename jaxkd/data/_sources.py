@@ -20,9 +20,13 @@ before starting a multi-process job is simpler: ``jaxkd.data.prepare(name)``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -130,26 +134,51 @@ def _diagnose(
   return None
 
 
+@contextlib.contextmanager
+def _quiet_tfds_logs():
+  """TFDS's absl INFO/WARNING lines while it prepares an embedded set."""
+  loggers = [logging.getLogger(name) for name in ("absl", "tensorflow_datasets")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
 def _prepare_embedded(spec: DatasetSpec, root: pathlib.Path) -> pathlib.Path:
   """Builds an embedded data set as ArrayRecord unless already prepared."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   from jaxkd.data import _builders  # pylint: disable=g-import-not-at-top
 
-  builder = _builders.BUILDERS[spec.name](
-      data_dir=os.fspath(root), file_format="array_record"
-  )
-  if not builder.is_prepared():
+  with _quiet_tfds_logs():
+    builder = _builders.BUILDERS[spec.name](
+        data_dir=os.fspath(root), file_format="array_record"
+    )
+    prepared = builder.is_prepared()
+  if not prepared:
+    # TFDS would announce "Downloading and preparing dataset Unknown size"
+    # and draw progress bars; nothing is downloaded, so say what happens.
+    print(f"jaxkd: preparing the embedded data set {spec.name!r} as"
+          f" ArrayRecord in {root}, once: {spec.description.rstrip('.')}.",
+          file=sys.stderr)
+    captured = io.StringIO()
     try:
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(
-              # Nothing to fetch: never look for a copy on Google Cloud.
-              try_download_gcs=False,
-          )
-      )
+      with contextlib.redirect_stdout(captured), \
+          contextlib.redirect_stderr(captured), _quiet_tfds_logs():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                # Nothing to fetch: never look for a copy on Google Cloud.
+                try_download_gcs=False,
+            )
+        )
     except Exception:
       # Another process may have finished preparing the same copy first.
       if not builder.is_prepared():
+        sys.stderr.write(captured.getvalue())
         raise
   return pathlib.Path(os.fspath(builder.data_dir))
 
