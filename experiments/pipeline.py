@@ -453,7 +453,7 @@ def run_sweep(
          extra["teacher_logits"].shape[2]), np.float32)
   states = sweep_lib.init_sweep(
       distillation, jax.random.key(seed), sample,
-      () if teachers is None else (train_lib.copy_tree(teachers.variables),),
+      () if teachers is None else (teachers.variables,),
       hparams={"temperature": temperatures})
   if ctx.mesh is not None:
     states = jax.device_put(states, sharding.replicated(ctx.mesh))

@@ -354,15 +354,6 @@ def teacher_logits_on_train(ctx: Context, group: teachers_lib.TeacherGroup,
   return np.moveaxis(np.concatenate(out, axis=1), 0, 1)
 
 
-def copy_tree(tree: Any) -> Any:
-  """A copy of every array, made without compiling anything.
-
-  The train step donates its whole state, the teachers' arrays included, so
-  each run gets its own copy of them.
-  """
-  return jax.tree.map(lambda x: jax.device_put(x, may_alias=False), tree)
-
-
 def _host_map(fn: Callable[..., np.ndarray], *trees: Any) -> Any:
   """``fn`` on the host copies of the leaves (slicing and stacking small
   trees on the device would compile one program per leaf shape)."""
@@ -648,10 +639,10 @@ def train_student(
     sample["teacher_logits"] = np.zeros(
         (extra["teacher_logits"].shape[1], ctx.data.batch_size,
          extra["teacher_logits"].shape[2]), np.float32)
-  # The train step donates its state, teachers included: give it a copy.
+  # The state holds its own copy of the teachers (the step donates it).
   state = init_state(
       ctx, distillation, jax.random.key(seed), sample,
-      () if teachers is None else (copy_tree(teachers.variables),))
+      () if teachers is None else (teachers.variables,))
   state = ctx.place(state)
   name = f"seed {seed} {method} ({config.student.model})"
   save_config(ctx, run_dir, {
@@ -717,8 +708,7 @@ def _train_data_free(ctx: Context, seed: int, teachers: Teachers,
   step, eval_step = ctx.cached(("data_free_steps", id(dfd)), build)
   init = ctx.cached(("data_free_init", id(dfd)), lambda: jax.jit(
       dfd.init, static_argnums=2))
-  state = init(jax.random.key(seed),
-               copy_tree(teachers.variables),
+  state = init(jax.random.key(seed), teachers.variables,
                tuple(ctx.data.image_shape))
   evaluate = _evaluator(ctx, eval_step)
 

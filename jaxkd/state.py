@@ -62,7 +62,9 @@ def own_copy(tree: PyTree) -> PyTree:
   the caller's arrays survive (to evaluate the teacher, to build another
   state); the copy keeps each array's sharding. Other leaves (NumPy arrays,
   Python scalars) are transferred afresh by every call and are kept as
-  they are.
+  they are. A copy is a transfer (``jax.device_put(..., may_alias=False)``),
+  so nothing is compiled for it.
   """
   return jax.tree.map(
-      lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+      lambda x: jax.device_put(x, may_alias=False)
+      if isinstance(x, jax.Array) else x, tree)

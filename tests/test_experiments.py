@@ -438,3 +438,32 @@ def test_attention_transfer_trains_one_step(tmp_path):
                               policy=tfds.testing.MockPolicy.USE_CODE):
     result = train.train_and_evaluate(config, tmp_path)
   assert result["method"] == "at" and result["steps"] == 1
+
+
+def _cli(*args, timeout=300):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parent.parent
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.main", *args], cwd=root,
+      capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_mistyped_field_is_one_line_and_list_config_lists_fields(tmp_path):
+  config = "--config=experiments/configs/mnist5k_default.py"
+  bad = _cli(config, "--config.kd.temprature=2", f"--workdir={tmp_path}")
+  assert bad.returncode == 2
+  lines = [l for l in bad.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, bad.stderr
+  assert "--config.kd.temprature" in lines[0]
+  assert 'Did you mean "temperature"' in lines[0]
+  listed = _cli(config, "--list_config")
+  assert listed.returncode == 0, listed.stderr
+  assert "--config.kd.temperature=16.0" in listed.stdout.splitlines()
+  assert not any(tmp_path.iterdir())  # Nothing was written.
+
+
+def test_cli_refuses_to_publish_a_runlocal_run(tmp_path):
+  out = _cli("--config=experiments/configs/mnist5k_default.py:runlocal",
+             "--mode=pipeline", f"--workdir={tmp_path}", "--publish")
+  assert out.returncode != 0
+  assert "never published" in out.stderr + out.stdout
