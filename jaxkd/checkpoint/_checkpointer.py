@@ -169,6 +169,7 @@ class Checkpointer:
     )
     _hold_orbax_errors(True)
     self._open = True
+    self._final_steps: list[int] | None = None
     try:
       with _integrity.quiet_orbax():
         self._manager = ocp.CheckpointManager(
@@ -440,10 +441,14 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     """The latest saved step, or None."""
-    return self._manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
-    """Every step on disk, in increasing order."""
+    """Every step on disk, in increasing order (after :meth:`close`: as
+    they were then)."""
+    if self._final_steps is not None:
+      return list(self._final_steps)
     return sorted(self._manager.all_steps())
 
   def metrics(self, step: int) -> dict | None:
@@ -516,6 +521,7 @@ class Checkpointer:
     try:
       self._finish()
     finally:
+      self._final_steps = self.all_steps()
       self._manager.close()
       self._release()
 
