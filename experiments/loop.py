@@ -8,6 +8,10 @@ infinities (``config.nonfinite``: stop naming the step, or skip); and it
 writes the run's logs: a tqdm progress bar (loss, accuracy, samples/s,
 ETA), ``metrics.jsonl``, TensorBoard events and ``curves.png``.
 
+SIGTERM or SIGINT stops a run after its current step with a checkpoint
+(:class:`Preempted`, exit status 0); a full disk stops it with one line
+(:class:`WriteFailed`, exit status 1). Either way the next start resumes.
+
 The run's config is stored with its checkpoints; a resume with another
 config is refused naming the changed fields, except those in
 ``RESUMABLE_CHANGES`` (``--config.allow_config_change=True`` overrides and
@@ -19,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -157,7 +163,55 @@ class WriteFailed(SystemExit):
     return self.message
 
 
+class Preempted(SystemExit):
+  """SIGTERM or SIGINT stopped the run after a step, checkpoint written.
+
+  A ``SystemExit`` with code 0: uncaught, the process exits 0. The next
+  start resumes from the checkpoint (with the steps not yet logged), and
+  goes on exactly as the uninterrupted run would have.
+  """
+
+  def __init__(self, message: str, *, step: int):
+    super().__init__(0)
+    self.message, self.step = message, step
+
+  def __str__(self) -> str:
+    return self.message
+
+
+class _StopRequests:
+  """Turns SIGTERM and SIGINT into a request to stop after the step.
+
+  Installed while a loop runs, in the main thread only; a second SIGINT
+  interrupts at once (``KeyboardInterrupt``).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __enter__(self) -> _StopRequests:
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
 _WRITE_ERRORS = (writers.LogWriteError, checkpoint_lib.CheckpointWriteError)
+# Where a mid-epoch checkpoint keeps the host metrics not yet logged.
+_PROGRESS_KEY = "loop_progress"
 
 
 def _open_checkpointer(loop: Loop, config) -> checkpoint_lib.Checkpointer | None:
@@ -206,23 +260,33 @@ def run_loop(ctx: Any, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
     jaxkd.checkpoint.ConfigMismatchError: When resuming with a changed
       config (see ``RESUMABLE_CHANGES``).
     WriteFailed: When a log or a checkpoint cannot be written.
+    Preempted: After SIGTERM or SIGINT: the step in progress is finished, a
+      checkpoint written (with the input position and the metrics not yet
+      logged) and the logs closed; one warning says where it stopped.
   """
   config = ctx.config
   loop.run_dir.mkdir(parents=True, exist_ok=True)
   log = writers.JsonlWriter(loop.run_dir / "metrics.jsonl")
   checkpointer = _open_checkpointer(loop, config)
   outputs = {}  # the event writer and the progress bar, once open
+  stopped = None
   try:
-    result = _train(ctx, loop, state, log, checkpointer, outputs)
+    with _StopRequests() as stops:
+      result = _train(ctx, loop, state, log, checkpointer, outputs, stops)
     error = None
   except _WRITE_ERRORS as e:
     result, error = None, e
+  except Preempted as e:
+    result, error, stopped = None, None, e
   except BaseException:
     _close(outputs, checkpointer)  # the error in flight is reported
     raise
   error = _close(outputs, checkpointer) or error
   if error is not None:
     raise _write_failed(loop, error, checkpointer) from error
+  if stopped is not None:
+    logger.warning("%s", stopped.message)
+    raise stopped
   return result
 
 
@@ -242,19 +306,20 @@ def _close(outputs: dict, checkpointer) -> OSError | None:
 
 def _train(ctx, loop: Loop, state, log: writers.JsonlWriter,
            checkpointer: checkpoint_lib.Checkpointer | None,
-           outputs: dict) -> tuple[Any, list[dict]]:
+           outputs: dict, stops: _StopRequests) -> tuple[Any, list[dict]]:
   import tqdm  # pylint: disable=g-import-not-at-top
 
   config = ctx.config
   spe = loop.steps_per_epoch or ctx.data.steps_per_epoch
   total = loop.num_epochs * spe
-  start = 0
+  start, progress = 0, {}
   if checkpointer is not None and checkpointer.latest_step() is not None:
     restored = checkpointer.restore(loop.to_checkpoint(state))
     state = loop.from_checkpoint(state, restored.state)
     if restored.data_state is not None and hasattr(loop.batches, "set_state"):
       loop.batches.set_state(restored.data_state)
     start = restored.step
+    progress = (restored.metrics or {}).get(_PROGRESS_KEY) or {}
     records = log.truncate_after(start)
     logger.info("%s: resumed at step %d from %s", loop.name, start,
                 checkpointer.directory)
@@ -276,12 +341,17 @@ def _train(ctx, loop: Loop, state, log: writers.JsonlWriter,
       total=total, initial=start, desc=loop.name, unit="step",
       disable=not config.progress_bar, dynamic_ncols=True, mininterval=1.0,
       leave=False)
-  pending, epoch_host = [], []
+  # Host metrics of the steps not yet logged, and of the epoch so far.
+  pending = list(progress.get("pending", []))
+  epoch_host = list(progress.get("epoch", []))
   skipped = sum(int(r.get("skipped", 0)) for r in records
                 if r.get("kind") == "train")
   interval_start = time.perf_counter()
   epoch_start = time.perf_counter()
   for step in range(start, total):
+    if stops.signum is not None:
+      raise _preempt(loop, state, step, total, checkpointer, stops.signum,
+                     pending, epoch_host)
     batch = next(loop.batches)
     state, metrics = loop.step(
         state, None if batch is None else ctx.put(batch))
@@ -345,13 +415,40 @@ def _train(ctx, loop: Loop, state, log: writers.JsonlWriter,
       checkpointer.save(
           loop.to_checkpoint(state),
           metrics={**record, "nonfinite": 0},
-          data_state=(loop.batches.get_state()
-                      if hasattr(loop.batches, "get_state") else None),
-          force=True)
+          data_state=_data_state(loop), force=True)
     epoch_start = time.perf_counter()
   if history:
     writers.plot_curves(loop.run_dir / "curves.png", history, title=loop.name)
   return state, history
+
+
+def _data_state(loop: Loop) -> Any:
+  return (loop.batches.get_state() if hasattr(loop.batches, "get_state")
+          else None)
+
+
+def _preempt(loop: Loop, state, done: int, total: int,
+             checkpointer: checkpoint_lib.Checkpointer | None, signum: int,
+             pending: list, epoch_host: list) -> Preempted:
+  """Saves the state after step ``done``; the exception to raise."""
+  name = signal.Signals(signum).name
+  if checkpointer is None:
+    return Preempted(
+        f"{loop.name}: stopped by {name} after step {done} of {total}; this"
+        " run keeps no checkpoints, so a new start begins again.", step=done)
+  if checkpointer.latest_step() != done:
+    progress = {"pending": jax.device_get(pending), "epoch": epoch_host}
+    checkpointer.save(
+        loop.to_checkpoint(state),
+        metrics={"kind": "preempted", "step": done, "nonfinite": 0,
+                 _PROGRESS_KEY: progress},
+        data_state=_data_state(loop), force=True)
+    checkpointer.wait_until_finished()
+  latest = checkpointer.latest_step()
+  return Preempted(
+      f"{loop.name}: stopped by {name} after step {done} of {total};"
+      f" checkpoint of step {latest} in {checkpointer.directory}. Run the"
+      " same command again to resume.", step=done)
 
 
 def summarize_history(history: Sequence[Mapping[str, Any]],
