@@ -64,8 +64,6 @@ class NonFiniteLossError(FloatingPointError):
   """The loss (or a gradient) of a step was NaN or infinite."""
 
 
-
-
 @dataclasses.dataclass
 class Loop:
   """One run's training loop: what it steps, feeds and evaluates.
@@ -214,7 +212,8 @@ _WRITE_ERRORS = (writers.LogWriteError, checkpoint_lib.CheckpointWriteError)
 _PROGRESS_KEY = "loop_progress"
 
 
-def _open_checkpointer(loop: Loop, config) -> checkpoint_lib.Checkpointer | None:
+def _open_checkpointer(loop: Loop,
+                       config) -> checkpoint_lib.Checkpointer | None:
   if loop.to_checkpoint is None:
     return None
   return checkpoint_lib.Checkpointer(

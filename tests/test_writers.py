@@ -17,7 +17,7 @@ def no_space(*args, **kwargs):
   raise OSError(errno.ENOSPC, "No space left on device")
 
 
-# -- metrics.jsonl --------------------------------------------------------------
+# -- metrics.jsonl -------------------------------------------------------------
 
 
 def write_lines(path, *lines):
@@ -93,7 +93,7 @@ def test_a_full_disk_while_truncating_keeps_the_old_file(tmp_path,
   assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
-# -- TensorBoard ------------------------------------------------------------------
+# -- TensorBoard ---------------------------------------------------------------
 
 
 def scalars(logdir, tag):
