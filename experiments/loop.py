@@ -8,6 +8,10 @@ infinities (``config.nonfinite``: stop naming the step, or skip); and it
 writes the run's logs: a tqdm progress bar (loss, accuracy, samples/s,
 ETA), ``metrics.jsonl``, TensorBoard events and ``curves.png``.
 
+SIGTERM or SIGINT stops a run after its current step with a checkpoint
+(:class:`Preempted`, exit status 0); a full disk stops it with one line
+(:class:`WriteFailed`, exit status 1). Either way the next start resumes.
+
 The run's config is stored with its checkpoints; a resume with another
 config is refused naming the changed fields, except those in
 ``RESUMABLE_CHANGES`` (``--config.allow_config_change=True`` overrides and
@@ -19,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -56,8 +62,6 @@ _STUDENT_ONLY = ("student", "optimizer", "method", "offline_teacher",
 
 class NonFiniteLossError(FloatingPointError):
   """The loss (or a gradient) of a step was NaN or infinite."""
-
-
 
 
 @dataclasses.dataclass
@@ -141,6 +145,103 @@ def _first_nonfinite(host, finite) -> int | None:
   return None
 
 
+class WriteFailed(SystemExit):
+  """A log or checkpoint could not be written (a full disk, say).
+
+  A ``SystemExit`` whose code is the one-line message: uncaught, Python
+  prints it and exits with status 1, without a traceback. Nothing written
+  before is lost; rerunning the command resumes from the latest checkpoint.
+  """
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message
+
+
+class Preempted(SystemExit):
+  """SIGTERM or SIGINT stopped the run after a step, checkpoint written.
+
+  A ``SystemExit`` with code 0: uncaught, the process exits 0. The next
+  start resumes from the checkpoint (with the steps not yet logged), and
+  goes on exactly as the uninterrupted run would have.
+  """
+
+  def __init__(self, message: str, *, step: int):
+    super().__init__(0)
+    self.message, self.step = message, step
+
+  def __str__(self) -> str:
+    return self.message
+
+
+class _StopRequests:
+  """Turns SIGTERM and SIGINT into a request to stop after the step.
+
+  Installed while a loop runs, in the main thread only; a second SIGINT
+  interrupts at once (``KeyboardInterrupt``).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __enter__(self) -> _StopRequests:
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+_WRITE_ERRORS = (writers.LogWriteError, checkpoint_lib.CheckpointWriteError)
+# Where a mid-epoch checkpoint keeps the host metrics not yet logged.
+_PROGRESS_KEY = "loop_progress"
+
+
+def _open_checkpointer(loop: Loop,
+                       config) -> checkpoint_lib.Checkpointer | None:
+  if loop.to_checkpoint is None:
+    return None
+  return checkpoint_lib.Checkpointer(
+      loop.run_dir / "checkpoints", max_to_keep=config.max_checkpoints,
+      best_metric=BEST_METRIC,
+      config=loop.config if loop.config is not None else config.to_dict(),
+      allow_config_change=bool(getattr(config, "allow_config_change", False)),
+      changeable_config_keys=RESUMABLE_CHANGES)
+
+
+def _has_events(logdir: pathlib.Path) -> bool:
+  return logdir.is_dir() and any(logdir.glob("events.out.tfevents.*"))
+
+
+def _write_failed(loop: Loop, error: OSError,
+                  checkpointer: checkpoint_lib.Checkpointer | None
+                  ) -> WriteFailed:
+  if checkpointer is None:
+    resume = "rerunning the command starts the run again"
+  else:
+    latest = checkpointer.latest_step()
+    resume = ("rerunning the command starts the run again" if latest is None
+              else f"rerun the command to resume from step {latest}"
+                   f" ({checkpointer.directory})")
+  return WriteFailed(f"{loop.name}: stopped: {error}. Nothing older was"
+                     f" lost; {resume}.")
+
+
 def run_loop(ctx: Any, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
   """Trains ``state`` for ``loop.num_epochs`` epochs.
 
@@ -155,31 +256,69 @@ def run_loop(ctx: Any, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
 
   Raises:
     NonFiniteLossError: With ``config.nonfinite == "stop"``.
+    jaxkd.checkpoint.ConfigMismatchError: When resuming with a changed
+      config (see ``RESUMABLE_CHANGES``).
+    WriteFailed: When a log or a checkpoint cannot be written.
+    Preempted: After SIGTERM or SIGINT: the step in progress is finished, a
+      checkpoint written (with the input position and the metrics not yet
+      logged) and the logs closed; one warning says where it stopped.
   """
+  config = ctx.config
+  loop.run_dir.mkdir(parents=True, exist_ok=True)
+  log = writers.JsonlWriter(loop.run_dir / "metrics.jsonl")
+  checkpointer = _open_checkpointer(loop, config)
+  outputs = {}  # the event writer and the progress bar, once open
+  stopped = None
+  try:
+    with _StopRequests() as stops:
+      result = _train(ctx, loop, state, log, checkpointer, outputs, stops)
+    error = None
+  except _WRITE_ERRORS as e:
+    result, error = None, e
+  except Preempted as e:
+    result, error, stopped = None, None, e
+  except BaseException:
+    _close(outputs, checkpointer)  # the error in flight is reported
+    raise
+  error = _close(outputs, checkpointer) or error
+  if error is not None:
+    raise _write_failed(loop, error, checkpointer) from error
+  if stopped is not None:
+    logger.warning("%s", stopped.message)
+    raise stopped
+  return result
+
+
+def _close(outputs: dict, checkpointer) -> OSError | None:
+  """Closes the run's outputs; the first write error, if any."""
+  error = None
+  closers = [outputs[k].close for k in ("bar", "events") if k in outputs]
+  if checkpointer is not None:
+    closers.append(checkpointer.close)
+  for close in closers:
+    try:
+      close()
+    except _WRITE_ERRORS as e:
+      error = error or e
+  return error
+
+
+def _train(ctx, loop: Loop, state, log: writers.JsonlWriter,
+           checkpointer: checkpoint_lib.Checkpointer | None,
+           outputs: dict, stops: _StopRequests) -> tuple[Any, list[dict]]:
   import tqdm  # pylint: disable=g-import-not-at-top
 
   config = ctx.config
   spe = loop.steps_per_epoch or ctx.data.steps_per_epoch
   total = loop.num_epochs * spe
-  loop.run_dir.mkdir(parents=True, exist_ok=True)
-  log = writers.JsonlWriter(loop.run_dir / "metrics.jsonl")
-  checkpointer = None
-  start = 0
-  if loop.to_checkpoint is not None:
-    checkpointer = checkpoint_lib.Checkpointer(
-        loop.run_dir / "checkpoints", max_to_keep=config.max_checkpoints,
-        best_metric=BEST_METRIC,
-        config=loop.config if loop.config is not None else config.to_dict(),
-        allow_config_change=bool(getattr(config, "allow_config_change",
-                                         False)),
-        changeable_config_keys=RESUMABLE_CHANGES)
+  start, progress = 0, {}
   if checkpointer is not None and checkpointer.latest_step() is not None:
-    target = loop.to_checkpoint(state)
-    restored, data_state, _ = checkpointer.restore(target)
-    state = loop.from_checkpoint(state, restored)
-    if data_state is not None and hasattr(loop.batches, "set_state"):
-      loop.batches.set_state(data_state)
-    start = int(jax.device_get(restored.step))
+    restored = checkpointer.restore(loop.to_checkpoint(state))
+    state = loop.from_checkpoint(state, restored.state)
+    if restored.data_state is not None and hasattr(loop.batches, "set_state"):
+      loop.batches.set_state(restored.data_state)
+    start = restored.step
+    progress = (restored.metrics or {}).get(_PROGRESS_KEY) or {}
     records = log.truncate_after(start)
     logger.info("%s: resumed at step %d from %s", loop.name, start,
                 checkpointer.directory)
@@ -191,92 +330,124 @@ def run_loop(ctx: Any, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
         f"{loop.name}: the checkpoint in {loop.run_dir} is at step {start},"
         f" past this config's {total} steps; use a fresh workdir."
     )
-  events = (writers.EventWriter(loop.run_dir / "tensorboard")
-            if start < total else None)
-  bar = tqdm.tqdm(total=total, initial=start, desc=loop.name, unit="step",
-                  disable=not config.progress_bar, dynamic_ncols=True,
-                  mininterval=1.0, leave=False)
-  pending, epoch_host = [], []
+  logdir = loop.run_dir / "tensorboard"
+  if start < total:
+    # A new event file; TensorBoard hides the older files' events of the
+    # steps this run writes again.
+    events = outputs["events"] = writers.EventWriter(
+        logdir, purge_step=start + 1 if _has_events(logdir) else None)
+  bar = outputs["bar"] = tqdm.tqdm(
+      total=total, initial=start, desc=loop.name, unit="step",
+      disable=not config.progress_bar, dynamic_ncols=True, mininterval=1.0,
+      leave=False)
+  # Host metrics of the steps not yet logged, and of the epoch so far.
+  pending = list(progress.get("pending", []))
+  epoch_host = list(progress.get("epoch", []))
   skipped = sum(int(r.get("skipped", 0)) for r in records
                 if r.get("kind") == "train")
   interval_start = time.perf_counter()
   epoch_start = time.perf_counter()
-  try:
-    for step in range(start, total):
-      batch = next(loop.batches)
-      state, metrics = loop.step(
-          state, None if batch is None else ctx.put(batch))
-      pending.append(metrics)
-      bar.update(1)
-      end_of_epoch = (step + 1) % spe == 0
-      if (step + 1) % config.log_every_steps and not end_of_epoch:
-        continue
-      host = jax.device_get(pending)
-      first = step + 1 - len(host)
-      bad = _first_nonfinite(host, loop.finite)
-      if bad is not None and config.nonfinite == "stop":
-        value = np.asarray(host[bad].get(loop.loss_key, np.nan))
-        raise NonFiniteLossError(
-            f"{loop.name}: the loss or a gradient is not finite at step"
-            f" {first + bad} (epoch {(first + bad) // spe + 1}, batch"
-            f" {(first + bad) % spe + 1} of {spe}); {loop.loss_key}={value}."
-            " The step was not applied. Lower the learning rate, or set"
-            " `nonfinite='skip'` to skip such steps."
-        )
-      n_bad = sum(not loop.finite(m) for m in host)
-      skipped += n_bad
-      now = time.perf_counter()
-      rate = len(host) * loop.batch_size / max(now - interval_start, 1e-9)
-      interval_start = now
-      means = _flatten(
-          {f"train/{k}": v for k, v in _mean_metrics(host).items()},
-          loop.labels)
-      record = {"kind": "train", "step": step + 1, **means,
-                "samples_per_s": rate, "skipped": n_bad}
-      log.write(record)
-      events.scalars(step + 1, {**means, "train/samples_per_s": rate})
-      loss = means.get(f"train/{loop.loss_key}")
-      accuracy = means.get("train/accuracy")
-      bar.set_postfix({k: v for k, v in (
-          ("loss", None if loss is None else f"{loss:.4f}"),
-          ("acc", None if accuracy is None else f"{accuracy:.3f}"),
-          ("ex/s", f"{rate:.0f}")) if v is not None}, refresh=False)
-      epoch_host.extend(host)
-      pending = []
-      if not end_of_epoch:
-        continue
-      epoch = (step + 1) // spe
-      epoch_time = time.perf_counter() - epoch_start
-      evaluation = _flatten(loop.evaluate(state), loop.labels)
-      train_means = _flatten(
-          {f"train/{k}": v for k, v in _mean_metrics(epoch_host).items()},
-          loop.labels)
-      epoch_host = []
-      record = {"kind": "epoch", "epoch": epoch, "step": step + 1,
-                **train_means, **evaluation, "epoch_time_s": epoch_time,
-                "samples_per_s": spe * loop.batch_size / max(epoch_time,
-                                                             1e-9),
-                "skipped_total": skipped}
-      history.append(record)
-      log.write(record)
-      events.scalars(step + 1, evaluation)
-      if checkpointer is not None and (
-          epoch % config.checkpoint_every_epochs == 0
-          or epoch == loop.num_epochs):
-        checkpointer.save(
-            loop.to_checkpoint(state),
-            metrics={**record, "nonfinite": 0},
-            data_state=(loop.batches.get_state()
-                        if hasattr(loop.batches, "get_state") else None),
-            force=True)
-      epoch_start = time.perf_counter()
-  finally:
-    bar.close()
-    if checkpointer is not None:
-      checkpointer.close()
+  for step in range(start, total):
+    if stops.signum is not None:
+      raise _preempt(loop, state, step, total, checkpointer, stops.signum,
+                     pending, epoch_host)
+    batch = next(loop.batches)
+    state, metrics = loop.step(
+        state, None if batch is None else ctx.put(batch))
+    pending.append(metrics)
+    bar.update(1)
+    end_of_epoch = (step + 1) % spe == 0
+    if (step + 1) % config.log_every_steps and not end_of_epoch:
+      continue
+    host = jax.device_get(pending)
+    first = step + 1 - len(host)
+    bad = _first_nonfinite(host, loop.finite)
+    if bad is not None and config.nonfinite == "stop":
+      value = np.asarray(host[bad].get(loop.loss_key, np.nan))
+      raise NonFiniteLossError(
+          f"{loop.name}: the loss or a gradient is not finite at step"
+          f" {first + bad} (epoch {(first + bad) // spe + 1}, batch"
+          f" {(first + bad) % spe + 1} of {spe}); {loop.loss_key}={value}."
+          " The step was not applied. Lower the learning rate, or set"
+          " `nonfinite='skip'` to skip such steps."
+      )
+    n_bad = sum(not loop.finite(m) for m in host)
+    skipped += n_bad
+    now = time.perf_counter()
+    rate = len(host) * loop.batch_size / max(now - interval_start, 1e-9)
+    interval_start = now
+    means = _flatten(
+        {f"train/{k}": v for k, v in _mean_metrics(host).items()},
+        loop.labels)
+    record = {"kind": "train", "step": step + 1, **means,
+              "samples_per_s": rate, "skipped": n_bad}
+    log.write(record)
+    events.scalars(step + 1, {**means, "train/samples_per_s": rate})
+    loss = means.get(f"train/{loop.loss_key}")
+    accuracy = means.get("train/accuracy")
+    bar.set_postfix({k: v for k, v in (
+        ("loss", None if loss is None else f"{loss:.4f}"),
+        ("acc", None if accuracy is None else f"{accuracy:.3f}"),
+        ("ex/s", f"{rate:.0f}")) if v is not None}, refresh=False)
+    epoch_host.extend(host)
+    pending = []
+    if not end_of_epoch:
+      continue
+    epoch = (step + 1) // spe
+    epoch_time = time.perf_counter() - epoch_start
+    evaluation = _flatten(loop.evaluate(state), loop.labels)
+    train_means = _flatten(
+        {f"train/{k}": v for k, v in _mean_metrics(epoch_host).items()},
+        loop.labels)
+    epoch_host = []
+    record = {"kind": "epoch", "epoch": epoch, "step": step + 1,
+              **train_means, **evaluation, "epoch_time_s": epoch_time,
+              "samples_per_s": spe * loop.batch_size / max(epoch_time,
+                                                           1e-9),
+              "skipped_total": skipped}
+    history.append(record)
+    log.write(record)
+    events.scalars(step + 1, evaluation)
+    if checkpointer is not None and (
+        epoch % config.checkpoint_every_epochs == 0
+        or epoch == loop.num_epochs):
+      checkpointer.save(
+          loop.to_checkpoint(state),
+          metrics={**record, "nonfinite": 0},
+          data_state=_data_state(loop), force=True)
+    epoch_start = time.perf_counter()
   if history:
     writers.plot_curves(loop.run_dir / "curves.png", history, title=loop.name)
   return state, history
+
+
+def _data_state(loop: Loop) -> Any:
+  return (loop.batches.get_state() if hasattr(loop.batches, "get_state")
+          else None)
+
+
+def _preempt(loop: Loop, state, done: int, total: int,
+             checkpointer: checkpoint_lib.Checkpointer | None, signum: int,
+             pending: list, epoch_host: list) -> Preempted:
+  """Saves the state after step ``done``; the exception to raise."""
+  name = signal.Signals(signum).name
+  if checkpointer is None:
+    return Preempted(
+        f"{loop.name}: stopped by {name} after step {done} of {total}; this"
+        " run keeps no checkpoints, so a new start begins again.", step=done)
+  if checkpointer.latest_step() != done:
+    progress = {"pending": jax.device_get(pending), "epoch": epoch_host}
+    checkpointer.save(
+        loop.to_checkpoint(state),
+        metrics={"kind": "preempted", "step": done, "nonfinite": 0,
+                 _PROGRESS_KEY: progress},
+        data_state=_data_state(loop), force=True)
+    checkpointer.wait_until_finished()
+  latest = checkpointer.latest_step()
+  return Preempted(
+      f"{loop.name}: stopped by {name} after step {done} of {total};"
+      f" checkpoint of step {latest} in {checkpointer.directory}. Run the"
+      " same command again to resume.", step=done)
 
 
 def summarize_history(history: Sequence[Mapping[str, Any]],

@@ -19,7 +19,6 @@ from experiments import methods
 from experiments import model_checks
 from experiments import pipeline
 from experiments import train
-from experiments import writers
 from experiments.configs import common
 from jaxkd import checkpoint
 from jaxkd import data
@@ -213,10 +212,6 @@ def test_pipeline_tensorboard_events_parse(pipeline_run):
   assert "train/loss" in tags and "test/accuracy" in tags
   steps = [e.step for e in accumulator.Scalars("test/accuracy")]
   assert steps == [2, 4]
-
-
-def test_crc32c_check_value():
-  assert writers.crc32c(b"123456789") == 0xE3069283
 
 
 def test_results_readme_renders_between_markers(pipeline_run, tmp_path):

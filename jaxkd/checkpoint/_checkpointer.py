@@ -169,6 +169,7 @@ class Checkpointer:
     )
     _hold_orbax_errors(True)
     self._open = True
+    self._final_steps: list[int] | None = None
     try:
       with _integrity.quiet_orbax():
         self._manager = ocp.CheckpointManager(
@@ -230,17 +231,24 @@ class Checkpointer:
       self._manager.reload()
       reason = getattr(e, "strerror", None) or _integrity.first_line(e)
       where = getattr(e, "filename", None)
+      target = (self._directory if failed is None
+                else self._step_dir(failed))
       raise CheckpointWriteError(
           getattr(e, "errno", None) or errno_lib.EIO,
-          f"Could not write checkpoint step {failed} to"
-          f" {self._step_dir(failed) if failed is not None else self._directory}"
-          f": {reason}{f' ({where})' if where else ''}. Nothing older was"
-          f" lost; saved steps: {self.all_steps()}.",
+          f"Could not write checkpoint step {failed} to {target}: {reason}"
+          f"{f' ({where})' if where else ''}. Nothing older was lost; saved"
+          f" steps: {self.all_steps()}.",
       ) from e
     for step in self._unsealed:
       step_dir = self._step_dir(step)
-      if step_dir.exists():
-        _integrity.seal(step_dir)
+      try:
+        if step_dir.exists():
+          _integrity.seal(step_dir)
+      except OSError as e:  # The step itself is whole: do not stop a run.
+        logger.warning(
+            "Could not write the file manifest of checkpoint step %d in %s"
+            " (%s); restore checks it by its arrays' checksums only.",
+            step, step_dir, e.strerror or e)
     self._unsealed = []
 
   def save(
@@ -440,10 +448,14 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     """The latest saved step, or None."""
-    return self._manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
-    """Every step on disk, in increasing order."""
+    """Every step on disk, in increasing order (after :meth:`close`: as
+    they were then)."""
+    if self._final_steps is not None:
+      return list(self._final_steps)
     return sorted(self._manager.all_steps())
 
   def metrics(self, step: int) -> dict | None:
@@ -516,6 +528,7 @@ class Checkpointer:
     try:
       self._finish()
     finally:
+      self._final_steps = self.all_steps()
       self._manager.close()
       self._release()
 

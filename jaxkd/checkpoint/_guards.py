@@ -23,8 +23,14 @@ from jaxkd.state import DistillState
 class CheckpointWriteError(OSError):
   """A step could not be written (disk full, say); older steps are intact.
 
+  ``errno`` is the original error's; ``str()`` is one line naming the step
+  directory.
+
   .. versionadded:: 0.1.0
   """
+
+  def __str__(self) -> str:
+    return str(self.strerror)
 
 
 class _DropOrbaxErrors(logging.Filter):

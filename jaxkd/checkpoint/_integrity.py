@@ -184,6 +184,8 @@ def quarantine(step_dir: epath.Path) -> epath.Path:
 def first_line(error: BaseException, limit: int = 160) -> str:
   """``Type: first line of the message``, cut to ``limit`` characters."""
   text = (str(error).strip().splitlines() or [""])[0]
+  # TensorStore appends its spec (dozens of lines) to every error.
+  text = text.split(" See full TensorStore details")[0]
   if len(text) > limit:
     text = text[:limit - 3] + "..."
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
