@@ -138,6 +138,31 @@ def _mean_metrics(host: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
                      axis=0) for k in keys}
 
 
+def _failure_message(loop: Loop, metrics: Mapping[str, Any], step: int,
+                     spe: int) -> str:
+  """Why step ``step`` was not applied: bad data, a bad hyper-parameter or a
+  non-finite loss, named."""
+  where = (f"{loop.name}: step {step} (epoch {step // spe + 1}, batch"
+           f" {step % spe + 1} of {spe}) was not applied")
+  fields = sorted(k.removeprefix("bad/") for k, v in metrics.items()
+                  if k.startswith("bad/") and np.any(np.asarray(v) > 0))
+  if fields:
+    return (f"{where}: the batch's {', '.join(fields)} holds bad values"
+            " (labels outside [0, num_classes), NaN or inf inputs or cached"
+            " teacher outputs). Fix the data, or set `nonfinite='skip'` to"
+            " skip and count such batches.")
+  invalid = sorted(k.removeprefix("invalid/") for k, v in metrics.items()
+                   if k.startswith("invalid/") and np.any(np.asarray(v) > 0))
+  if invalid:
+    return (f"{where}: the hyper-parameter {', '.join(invalid)} had an"
+            " invalid value (a temperature must be finite and > 0, a weight"
+            " finite and >= 0).")
+  value = np.asarray(metrics.get(loop.loss_key, np.nan))
+  return (f"{where}: the loss or a gradient is not finite;"
+          f" {loop.loss_key}={value}. Lower the learning rate, or set"
+          " `nonfinite='skip'` to skip such steps.")
+
+
 def _first_nonfinite(host, finite) -> int | None:
   for i, metrics in enumerate(host):
     if not finite(metrics):
@@ -363,14 +388,8 @@ def _train(ctx, loop: Loop, state, log: writers.JsonlWriter,
     first = step + 1 - len(host)
     bad = _first_nonfinite(host, loop.finite)
     if bad is not None and config.nonfinite == "stop":
-      value = np.asarray(host[bad].get(loop.loss_key, np.nan))
-      raise NonFiniteLossError(
-          f"{loop.name}: the loss or a gradient is not finite at step"
-          f" {first + bad} (epoch {(first + bad) // spe + 1}, batch"
-          f" {(first + bad) % spe + 1} of {spe}); {loop.loss_key}={value}."
-          " The step was not applied. Lower the learning rate, or set"
-          " `nonfinite='skip'` to skip such steps."
-      )
+      raise NonFiniteLossError(_failure_message(
+          loop, host[bad], first + bad, spe))
     n_bad = sum(not loop.finite(m) for m in host)
     skipped += n_bad
     now = time.perf_counter()

@@ -314,8 +314,10 @@ def init_state(ctx: Context, distillation: Distillation, key: jax.Array,
 
 def _finite(metrics: Mapping[str, Any]) -> bool:
   flag = np.asarray(metrics.get("nonfinite", 0))
+  bad = np.asarray(metrics.get("bad_batch", 0))
   loss = np.asarray(metrics.get("loss", 0.0))
-  return not np.any(flag > 0) and bool(np.all(np.isfinite(loss)))
+  return (not np.any(flag > 0) and not np.any(bad > 0)
+          and bool(np.all(np.isfinite(loss))))
 
 
 def _evaluator(ctx: Context, eval_step) -> Callable[[Any], dict]:

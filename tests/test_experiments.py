@@ -388,8 +388,23 @@ def test_nonfinite_loss_stops_naming_the_step(data_dir, tmp_path):
                 **{"optimizer.learning_rate": 1e30})
   config.optimizer.name = "sgd"
   with pytest.raises(loop.NonFiniteLossError,
-                     match=r"not finite at step \d+ \(epoch \d+, batch \d+"):
+                     match=r"step \d+ \(epoch \d+, batch \d+ of 3\) was not"
+                     r" applied: the loss or a gradient is not finite"):
     train.train_and_evaluate(config, tmp_path)
+
+
+def test_a_stop_names_the_bad_field_or_hyper_parameter():
+  run = loop.Loop(name="run", run_dir=pathlib.Path("."), step=None,
+                  batches=None, evaluate=None, num_epochs=1, batch_size=1,
+                  finite=None)
+  message = loop._failure_message(  # pylint: disable=protected-access
+      run, {"loss": np.nan, "bad/label": 1, "bad/image": 0, "nonfinite": 1},
+      7, 5)
+  assert message.startswith("run: step 7 (epoch 2, batch 3 of 5) was not")
+  assert "the batch's label holds bad values" in message
+  message = loop._failure_message(  # pylint: disable=protected-access
+      run, {"loss": np.nan, "invalid/kd.temperature": 1}, 0, 5)
+  assert "hyper-parameter kd.temperature had an invalid value" in message
 
 
 def test_nonfinite_steps_can_be_skipped(data_dir, tmp_path):
