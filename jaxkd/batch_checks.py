@@ -3,7 +3,8 @@
 A batch is bad when any of its examples has
 
 * an integer label outside ``[0, num_classes)`` (label ``10`` of 10 classes,
-  ``-1``, ``1000``): its cross-entropy would silently be 0;
+  ``-1``, ``1000``): its cross-entropy would silently be 0; the same for
+  tokens and cached top-k indices outside the vocabulary;
 * a NaN or infinite input (``"image"`` or another floating input);
 * a NaN or ``+inf`` in cached teacher outputs (``"teacher_logits"``,
   ``"teacher_topk_logits"``; ``-inf`` marks a class of probability zero and
@@ -24,10 +25,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["TEACHER_OUTPUT_KEYS", "batch_faults", "first_fault"]
+__all__ = ["INDEX_KEYS", "TEACHER_OUTPUT_KEYS", "batch_faults", "first_fault"]
 
 # Cached teacher outputs: -inf is a class of probability zero, NaN/+inf bad.
-TEACHER_OUTPUT_KEYS = ("teacher_logits", "teacher_topk_logits")
+TEACHER_OUTPUT_KEYS = ("teacher_logits", "teacher_topk_logits",
+                       "teacher_topk_log_probs")
+# Integer arrays that index the classes (the vocabulary of a language model).
+INDEX_KEYS = ("teacher_topk_indices", "tokens")
 
 
 def _flag(bad: jax.Array) -> jax.Array:
@@ -63,7 +67,7 @@ def batch_faults(
       faults[f"bad/{key}"] = _flag(~jnp.isfinite(x) | (x < 0) | (x > 1))
     elif key in TEACHER_OUTPUT_KEYS:
       faults[f"bad/{key}"] = _flag(jnp.isnan(x) | (x == jnp.inf))
-    elif key == "teacher_topk_indices":
+    elif key in INDEX_KEYS and jnp.issubdtype(x.dtype, jnp.integer):
       faults[f"bad/{key}"] = _flag((x < 0) | (x >= num_classes))
     elif jnp.issubdtype(x.dtype, jnp.floating):
       faults[f"bad/{key}"] = _flag(~jnp.isfinite(x))

@@ -31,6 +31,14 @@ weights and temperatures the engine validates: constants and schedules when
 the term is built, traced values at every step (an invalid one makes the loss
 NaN and sets ``metrics["invalid/{term}.{name}"]``).
 
+Token-normalised terms (language models, ``jaxkd.methods.lm``) average over
+the valid tokens of the whole batch rather than over examples: such a term
+returns a count from ``token_count(batch)`` and its ``(sum, count)`` from
+``loss_sum``. The engine then divides the sum by the count of the *global*
+batch, so that under gradient accumulation micro-batches holding different
+numbers of tokens combine exactly as one batch would
+(``Distillation.accumulation_steps``).
+
 Terms own their trainable parameters (adaptors) and state (adaptor BatchNorm
 statistics, queues); the train step stores them next to the student's.
 """
@@ -169,7 +177,9 @@ class StepOutputs(struct.PyTreeNode):
 
   ``teacher_logits`` has shape ``[K, B, C]`` (``None`` without teachers);
   ``teacher_features`` maps names to ``[K, B, ...]``; ``labels`` are integer
-  ``[B]`` or soft ``[B, C]`` (after mixup).
+  ``[B]`` or soft ``[B, C]`` (after mixup). For token inputs the logits are
+  ``[B, L, V]`` and ``[K, B, L, V]`` and ``batch`` holds the batch's arrays
+  (``"tokens"``, ``"mask"``, cached teacher entries).
   """
 
   student_logits: jax.Array
@@ -180,6 +190,9 @@ class StepOutputs(struct.PyTreeNode):
   step: jax.Array
   hparams: Mapping[str, jax.Array]
   train: bool = struct.field(pytree_node=False)
+  # The (micro-)batch's arrays for terms that read more than the logits
+  # (the tokens and masks of token terms); empty for image inputs.
+  batch: Mapping[str, jax.Array] = struct.field(default_factory=dict)
 
   def resolve(self, value: ScheduleOrValue | Hyper) -> jax.Array:
     """A term's weight or temperature at this step."""
@@ -247,6 +260,28 @@ class Term:
       self, params: PyTree, state: PyTree, outputs: StepOutputs
   ) -> tuple[jax.Array, PyTree]:
     raise NotImplementedError
+
+  def token_count(self, batch: Mapping[str, jax.Array]) -> jax.Array | None:
+    """How many units (tokens) the loss averages over in ``batch``.
+
+    ``None`` (the default) marks a term whose ``loss`` is a mean over
+    examples. A token-normalised term returns a float32 scalar computed from
+    the batch alone (its masks), and implements :meth:`loss_sum`.
+    """
+    del batch
+    return None
+
+  def loss_sum(
+      self, params: PyTree, state: PyTree, outputs: StepOutputs
+  ) -> tuple[tuple[jax.Array, jax.Array], PyTree]:
+    """``((sum, count), state)`` of a token-normalised term.
+
+    ``loss`` is then ``sum / max(1, count)``; under gradient accumulation
+    the engine divides the sum by the global batch's count instead.
+    """
+    raise NotImplementedError(
+        f"Term {self.name!r} has no `loss_sum` (it is not token-normalised)."
+    )
 
   def update(
       self, state: PyTree, outputs: StepOutputs, key: jax.Array

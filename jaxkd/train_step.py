@@ -15,6 +15,21 @@ A batch is a dict with ``"image"`` ``[B, ...]`` and ``"label"`` ``[B]``
   cached top-k teacher logits; the other classes are ``-inf`` (the losses
   treat them exactly, as classes of probability zero);
 * ``"mask"`` ``[B]`` (evaluation only): which examples count.
+
+Language models use the same step. With ``Distillation(inputs="tokens",
+input_mask="mask")`` a batch is ``{"tokens": [B, L], "mask": [B, L]}``; the
+student and the teachers get ``{"tokens": ..., "mask": ...}`` (the model
+contract's ``x``) and produce logits ``[B, L, V]`` (``[K, B, L, V]`` for
+the teachers). Token terms (``jaxkd.methods.lm``) score next-token
+predictions and are normalised by the number of valid tokens of the whole
+batch: with ``accumulation_steps > 1`` the count is taken over the full
+batch before it is split, so micro-batches of different token counts add up
+to exactly the unaccumulated loss and gradient. Cached teacher entries for
+token batches are ``"teacher_logits"`` ``[K, B, L, V]`` or
+``"teacher_topk_log_probs"`` and ``"teacher_topk_indices"`` ``[B, L, k]``
+(read by ``jaxkd.methods.lm.SparseTeacherTerm``). The teachers' forward pass
+runs under ``jax.checkpoint`` with ``nothing_saveable`` (``teacher_remat``):
+besides their outputs, nothing of it is kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ import numpy as np
 import optax
 
 from jaxkd import batch_checks
+from jaxkd import lm
 from jaxkd import losses
 from jaxkd import objective as objective_lib
 from jaxkd import teachers as teachers_lib
@@ -46,6 +62,7 @@ __all__ = [
     "make_train_step",
     "make_views",
     "summarize",
+    "token_evaluation_metrics",
 ]
 
 PyTree = Any
@@ -53,6 +70,8 @@ Batch = Mapping[str, jax.Array]
 ViewFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 NONFINITE_POLICIES = ("skip", "apply")
+# Cached per-token entries of token batches: batch axis 0 (not a teacher axis).
+_TOKEN_CACHE_KEYS = ("teacher_topk_log_probs", "teacher_topk_indices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +162,14 @@ class Distillation:
       A bad batch (``jaxkd.batch_checks``: labels out of range, NaN inputs
       or cached teacher outputs) never updates the state; it sets
       ``metrics["bad_batch"]`` and ``metrics["bad/<field>"]``.
+    inputs: The batch key of the models' input: ``"image"`` (the default)
+      or, for language models, ``"tokens"`` (``[B, L]`` integers).
+    input_mask: Optional batch key of a boolean ``[B, L]`` mask given to
+      the models with the tokens, as ``{"tokens": ..., "mask": ...}``; it is
+      also the mask of the token evaluation.
+    teacher_remat: Whether the teachers' forward pass runs under
+      ``jax.checkpoint(policy=nothing_saveable)``; ``None`` means yes for
+      inputs other than ``"image"``.
   """
 
   student: Model
@@ -152,6 +179,9 @@ class Distillation:
   views: Views = Views()
   accumulation_steps: int = 1
   nonfinite: str = "skip"
+  inputs: str = "image"
+  input_mask: str | None = None
+  teacher_remat: bool | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "objective", tuple(self.objective))
@@ -173,6 +203,31 @@ class Distillation:
   @property
   def needs_teachers(self) -> bool:
     return any(term.needs_teacher for term in self.objective)
+
+  @property
+  def token_inputs(self) -> bool:
+    """Whether the models read tokens (``inputs`` is not ``"image"``)."""
+    return self.inputs != "image"
+
+  def model_input(self, batch: Batch) -> Any:
+    """What the student and the teachers are applied to."""
+    x = jnp.asarray(batch[self.inputs])
+    if self.input_mask is None:
+      return x
+    return {
+        "tokens": x,
+        "mask": jnp.asarray(batch[self.input_mask]).astype(jnp.bool_),
+    }
+
+  def token_normalizers(self, batch: Batch, steps: int) -> dict | None:
+    """``max(1, count) / steps`` per token term, over the whole batch."""
+    out = {}
+    for term in self.objective:
+      count = term.token_count(batch)
+      if count is not None:
+        count = jnp.asarray(count, jnp.float32)
+        out[term.name] = jnp.maximum(count, 1.0) / steps
+    return out or None
 
   # -- Forward passes ------------------------------------------------------
 
@@ -199,9 +254,19 @@ class Distillation:
       ), {}
     if not self.teachers:
       return None, {}
-    out = teachers_lib.apply_teacher_groups(
-        self.teachers, state.teachers, images
+    run = lambda variables, x: teachers_lib.apply_teacher_groups(
+        self.teachers, variables, x
     )
+    remat = self.token_inputs if self.teacher_remat is None else (
+        self.teacher_remat)
+    if remat:
+      # The teachers get no gradient, so none of their activations is a
+      # residual of the backward pass anyway; the checkpoint makes it a
+      # guarantee (tests/test_lm_engine.py inspects the saved residuals).
+      run = jax.checkpoint(
+          run, policy=jax.checkpoint_policies.nothing_saveable
+      )
+    out = run(state.teachers, images)
     features = out.features
     if len(self.teachers) == 1:
       # One group: features go by their plain names ("stage2"); with several
@@ -213,7 +278,7 @@ class Distillation:
   def _outputs(self, params, state, batch, *, key, train):
     """Student and teacher outputs of a (micro-)batch."""
     view_key, dropout_key = jax.random.split(key)
-    images = jnp.asarray(batch["image"])
+    images = self.model_input(batch)
     labels = batch.get("label")
     if train:
       student_images, teacher_images, labels_for = make_views(
@@ -245,11 +310,20 @@ class Distillation:
         step=state.step,
         hparams=state.hparams,
         train=train,
+        batch=dict(batch) if self.token_inputs else {},
     )
     return outputs, new_student_state
 
-  def objective_value(self, params, state, batch, *, key, train=True):
-    """The weighted loss, the new model state and per-term metrics."""
+  def objective_value(
+      self, params, state, batch, *, key, train=True, normalizers=None
+  ):
+    """The weighted loss, the new model state and per-term metrics.
+
+    ``normalizers`` (``{term name: divisor}``, see
+    :meth:`token_normalizers`) replaces a token term's own
+    ``max(1, count)``: a micro-batch is then scored against the token count
+    of the whole batch.
+    """
     outputs, new_student_state = self._outputs(
         params, state, batch, key=key, train=train
     )
@@ -258,11 +332,16 @@ class Distillation:
     metrics = {}
     valid = jnp.ones((), jnp.bool_)
     for term in self.objective:
-      value, term_states[term.name] = term.loss(
+      term_args = (
           params["terms"][term.name],
           state.model_state["terms"][term.name],
           outputs,
       )
+      if normalizers is not None and term.name in normalizers:
+        (term_sum, _), term_states[term.name] = term.loss_sum(*term_args)
+        value = term_sum / normalizers[term.name]
+      else:
+        value, term_states[term.name] = term.loss(*term_args)
       weight = outputs.resolve(term.weight)
       total = total + weight * value
       metrics[f"loss/{term.name}"] = value
@@ -337,7 +416,7 @@ class Distillation:
   ) -> DistillState:
     """:meth:`init` without the validating trace of a whole step."""
     student_key, terms_key, rng_key = jax.random.split(key, 3)
-    images = jnp.asarray(sample_batch["image"])
+    images = self.model_input(sample_batch)
     student_params, student_state = self.student.init(student_key, images)
     state = DistillState(
         step=jnp.zeros((), jnp.int32),
@@ -391,15 +470,24 @@ class Distillation:
 
   def _grads(self, state, batch, key):
     """Loss, gradients and auxiliaries, accumulated over micro-batches."""
-    grad_fn = jax.value_and_grad(
-        lambda p, s, b, k: self.objective_value(p, s, b, key=k), has_aux=True
-    )
     steps = int(self.accumulation_steps)
+    # Token terms divide by the whole batch's count (taken before the split):
+    # every micro-batch's value is steps * sum_m / count, so the mean over
+    # micro-batches (below) is sum / count, exactly the unaccumulated loss.
+    normalizers = (
+        self.token_normalizers(batch, steps) if steps > 1 else None
+    )
+    grad_fn = jax.value_and_grad(
+        lambda p, s, b, k: self.objective_value(
+            p, s, b, key=k, normalizers=normalizers
+        ),
+        has_aux=True,
+    )
     if steps == 1:
       (loss, (model_state, metrics, outputs)), grads = grad_fn(
           state.params, state, batch, key
       )
-      metrics = {**metrics, **_prediction_metrics(outputs)}
+      metrics = {**metrics, **self._prediction_metrics(outputs)}
       return loss, grads, model_state, metrics, outputs
 
     def split(name, x):
@@ -407,8 +495,11 @@ class Distillation:
       # batch sharded over devices, every device keeps its own examples and
       # no example moves between devices.
       x = jnp.asarray(x)
-      batch_axis = 1 if name.startswith("teacher_") and x.ndim >= 3 else 0
-      if name.startswith("teacher_") and x.ndim == 2:
+      stacked = name.startswith("teacher_") and not (
+          name in _TOKEN_CACHE_KEYS and "teacher_topk_log_probs" in batch
+      )
+      batch_axis = 1 if stacked and x.ndim >= 3 else 0
+      if stacked and x.ndim == 2:
         x = x[None]
         batch_axis = 1
       size = x.shape[batch_axis]
@@ -432,7 +523,7 @@ class Distillation:
           state.params, micro_state, micro_batch, micro_key
       )
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-      metrics = {**metrics, **_prediction_metrics(outputs)}
+      metrics = {**metrics, **self._prediction_metrics(outputs)}
       return (model_state, grad_sum, loss_sum + loss), (metrics, outputs)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -509,10 +600,32 @@ class Distillation:
     )
     return new_state, metrics
 
+  def _prediction_metrics(self, outputs: objective_lib.StepOutputs) -> dict:
+    if self.token_inputs:
+      return _token_prediction_metrics(
+          outputs, outputs.batch[self.inputs],
+          self._token_mask(outputs.batch))
+    return _prediction_metrics(outputs)
+
+  def _token_mask(self, batch: Batch) -> jax.Array | None:
+    key = self.input_mask or "mask"
+    return None if key not in batch else jnp.asarray(batch[key]).astype(
+        jnp.bool_)
+
   def _eval_step(self, state: DistillState, batch: Batch):
     outputs, _ = self._outputs(
         state.params, state, batch, key=jax.random.key(0), train=False
     )
+    if self.token_inputs:
+      targets = lm.next_token_targets(
+          jnp.asarray(batch[self.inputs]), self._token_mask(batch)
+      )
+      sums = token_evaluation_metrics(outputs, targets)
+      weights = targets.mask.astype(jnp.float32)
+      for term in self.objective:
+        for key, value in term.evaluation_sums(outputs, weights).items():
+          sums[f"{term.name}/{key}"] = value
+      return sums
     sums = evaluation_metrics(outputs, batch.get("mask"))
     weights = _example_weights(outputs.student_logits, batch.get("mask"))
     for term in self.objective:
@@ -589,6 +702,59 @@ def _prediction_metrics(outputs: objective_lib.StepOutputs) -> dict:
 
 def _as_float(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32)
+
+
+def _token_prediction_metrics(
+    outputs: objective_lib.StepOutputs, tokens: jax.Array,
+    mask: jax.Array | None,
+) -> dict:
+  """Next-token accuracy and agreement with the teachers, valid tokens."""
+  targets = lm.next_token_targets(jnp.asarray(tokens), mask)
+  predictions = jnp.argmax(
+      lm.next_token_logits(outputs.student_logits), axis=-1)
+  metrics = {"accuracy": lm.token_mean(
+      _as_float(predictions == targets.targets), targets.mask)}
+  if outputs.teacher_logits is not None:
+    ensemble = jnp.argmax(losses.ensemble_log_soft_targets(
+        outputs.teacher_logits[..., :-1, :]), axis=-1)
+    metrics["teacher_agreement"] = lm.token_mean(
+        _as_float(predictions == ensemble), targets.mask)
+  return metrics
+
+
+def token_evaluation_metrics(
+    outputs: objective_lib.StepOutputs, targets: lm.NextTokenTargets
+) -> dict[str, jax.Array]:
+  """Sums over a token batch of next-token loss, accuracy and agreement.
+
+  ``count`` is the number of valid next-token predictions
+  (``targets.mask``); ``loss`` sums the student's negative log-likelihood
+  in nats (divide by ``log 2`` for bits per token), ``teacher_loss`` the
+  teachers' (``[K]``), ``kl_to_teachers`` the KL from the student to the
+  teachers' mixture. :func:`summarize` divides every sum by the count.
+  """
+  weights = targets.mask.astype(jnp.float32)
+  logits = lm.next_token_logits(outputs.student_logits).astype(jnp.float32)
+  labels = targets.targets
+  metrics = {"count": jnp.sum(weights)}
+  predictions = jnp.argmax(logits, axis=-1)
+  metrics["correct"] = jnp.sum(weights * _as_float(predictions == labels))
+  metrics["loss"] = jnp.sum(weights * losses.cross_entropy(
+      logits, labels, where=targets.mask))
+  if outputs.teacher_logits is not None:
+    teacher_logits = outputs.teacher_logits[..., :-1, :].astype(jnp.float32)
+    log_mixture = losses.ensemble_log_soft_targets(teacher_logits)
+    metrics["teacher_agreement"] = jnp.sum(
+        weights * _as_float(predictions == jnp.argmax(log_mixture, -1)))
+    metrics["kl_to_teachers"] = jnp.sum(
+        weights * losses.kl_divergence(logits, log_mixture))
+    per_teacher = jax.vmap(
+        lambda t: losses.cross_entropy(t, labels, where=targets.mask)
+    )(teacher_logits)
+    metrics["teacher_loss"] = jnp.sum(weights[None] * per_teacher, (1, 2))
+    metrics["teacher_correct"] = jnp.sum(weights[None] * _as_float(
+        jnp.argmax(teacher_logits, -1) == labels[None]), (1, 2))
+  return metrics
 
 
 def _example_weights(logits: jax.Array, mask: jax.Array | None) -> jax.Array:

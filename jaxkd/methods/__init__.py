@@ -5,7 +5,10 @@
 * ``mutual``: deep mutual learning as a :class:`jaxkd.Distillation` whose
   student is a group of peers;
 * ``data_free``: a generator trained against the teachers, and the engine's
-  own step distilling the student on what it makes.
+  own step distilling the student on what it makes;
+* ``lm``: language-model distillation: token-normalised objective terms
+  (next-token cross-entropy, per-token divergences, the fused loss, sparse
+  cached teachers) and sequence-level and on-policy (GKD) data.
 
 Each is imported on first use (``jaxkd.methods.mutual``).
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["adversarial", "data_free", "mutual"]
+__all__ = ["adversarial", "data_free", "lm", "mutual"]
 
 
 def __getattr__(name: str) -> Any:
