@@ -41,6 +41,13 @@ head's dtype, into the gradient (XLA keeps that in the output buffer: no
 float32 ``[H, V]`` accumulator); ``dz @ head_tile^T`` adds into the hidden
 states' gradient, ``[N, H]``, over the tiles.
 
+Forward and reverse KL of one teacher (or a weighted mean over teachers)
+need no second pass: :math:`\mathrm{KL}(p^x \| p^y) = E_{p^x}[x - y]
+- \log Z_x + \log Z_y` in the scaled logits, and the expectation is
+accumulated in pass 1 itself, rescaled with the running maximum as the
+log-sum-exp is. This saves a quarter of the matrix products of the loss and
+its gradient.
+
 The last chunk of tokens and the last tile of the vocabulary are not padded:
 when ``N`` (or ``V``) is not a multiple of the chunk, the last one is shifted
 back to end at ``N`` (``V``) and the entries it shares with the one before
@@ -281,9 +288,95 @@ def _all_logsumexp(lse: Array, axis_name) -> Array:
   return peak + jnp.log(lax.psum(jnp.exp(lse - peak), axis_name))
 
 
+def _one_pass(st: _Static, k: int) -> bool:
+  """Whether one pass over the tiles suffices: KL of each single teacher.
+
+  Forward and reverse KL are ``E_p[x - y] - lse(x) + lse(y)`` in the scaled
+  logits ``x, y``, which one pass accumulates with running maxima (as the
+  online normaliser does); the KL to a mixture of teachers, and the other
+  divergences, are not linear in the logits and need the two passes.
+  """
+  return st.divergence in ("forward_kl", "reverse_kl") and (
+      k == 1 or st.teacher_reduction == "mean"
+  )
+
+
+def _kl_chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype):
+  """Forward or reverse KL of a chunk in one pass over the tiles.
+
+  With ``x`` the logits the expectation is taken under (the teacher's for
+  forward KL, the student's for reverse KL) and ``y`` the other side's,
+  ``KL = A / L_x - lse_x + lse_y`` where ``L_x = sum_v exp(x_v - m_x)`` and
+  ``A = sum_v exp(x_v - m_x) (x_v - y_v)`` are carried with the running
+  maximum ``m_x`` and rescaled by ``exp(m_old - m_new)`` whenever it grows,
+  exactly as the log-sum-exps are.
+  """
+  k, tc = ht_c.shape[0], sz.token_chunk
+  forward = st.divergence == "forward_kl"
+  minus_inf = jnp.full((), -jnp.inf, dtype)
+  zero = jnp.zeros((), dtype)
+
+  def rescaled(m, l, tile):
+    """New running maximum and sum of exponentials with ``tile`` added."""
+    new_m = jnp.maximum(m, jnp.max(tile, axis=-1))
+    l = l * jnp.exp(m - new_m) + jnp.sum(
+        jnp.exp(tile - new_m[..., None]), axis=-1
+    )
+    return new_m, l
+
+  def step(carry, j):
+    m_s, l_s, m_t, l_t, a = carry
+    fresh, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
+    s = jnp.where(fresh[None, :], _scaled(zs, st, prm)[0], minus_inf)
+    t = jnp.where(fresh[None, None, :], _scaled(zt, st, prm)[0], minus_inf)
+    new_m_s, l_s = rescaled(m_s, l_s, s)
+    new_m_t, l_t = rescaled(m_t, l_t, t)
+    # Shared (stale) columns hold -inf on both sides: their difference is
+    # replaced by 0, and their weight is exp(-inf) = 0.
+    if forward:
+      diff = jnp.where(fresh[None, None, :], t - s[None], zero)
+      weight = jnp.exp(t - new_m_t[..., None])
+      a = a * jnp.exp(m_t - new_m_t)
+    else:
+      diff = jnp.where(fresh[None, None, :], s[None] - t, zero)
+      weight = jnp.exp(s - new_m_s[:, None])[None]
+      a = a * jnp.exp(m_s - new_m_s)[None]
+    a = a + jnp.sum(weight * diff, axis=-1)
+    return (new_m_s, l_s, new_m_t, l_t, a), None
+
+  init = (
+      jnp.full((tc,), -jnp.inf, dtype), jnp.zeros((tc,), dtype),
+      jnp.full((k, tc), -jnp.inf, dtype), jnp.zeros((k, tc), dtype),
+      jnp.zeros((k, tc), dtype),
+  )
+  (m_s, l_s, m_t, l_t, a), _ = lax.scan(
+      step, _varying(init, st), jnp.arange(sz.tiles, dtype=jnp.int32)
+  )
+  if st.axis_name is not None:
+    # Devices' partial sums, brought to the common maximum, add up.
+    peak_s, peak_t = lax.pmax(m_s, st.axis_name), lax.pmax(m_t, st.axis_name)
+    l_s = lax.psum(l_s * jnp.exp(m_s - peak_s), st.axis_name)
+    l_t = lax.psum(l_t * jnp.exp(m_t - peak_t), st.axis_name)
+    scale = jnp.exp(m_t - peak_t) if forward else jnp.exp(m_s - peak_s)[None]
+    a = lax.psum(a * scale, st.axis_name)
+    m_s, m_t = peak_s, peak_t
+  lse_s, lse_t = m_s + jnp.log(l_s), m_t + jnp.log(l_t)
+  if forward:
+    per_teacher = a / l_t - lse_t + lse_s[None]
+  else:
+    per_teacher = a / l_s[None] - lse_s[None] + lse_t
+  total = jnp.sum(prm.weights[:, None] * per_teacher, axis=0)
+  # sum_v u_v: forward KL's u = -p_T sums to -1; reverse KL's
+  # u = p_S (log p_S - log p_T + 1) sums to KL + 1.
+  slope = jnp.full((tc,), -1.0, dtype) if forward else total + 1
+  return total, (lse_s, jnp.moveaxis(lse_t, 0, 1), slope)
+
+
 def _chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype, with_slope):
   """Per-token divergence (and the backward pass's statistics) of a chunk."""
   k, tc = ht_c.shape[0], sz.token_chunk
+  if _one_pass(st, k):
+    return _kl_chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype)
   tiles = jnp.arange(sz.tiles, dtype=jnp.int32)
   minus_inf = jnp.full((), -jnp.inf, dtype)
 
