@@ -217,6 +217,7 @@ def test_float32_value_and_grads_match_float64_reference(rng, divergence):
 
 @pytest.mark.parametrize(
     "divergence, teacher_reduction", [("forward_kl", "mixture"),
+                                      ("reverse_kl", "mean"),
                                       ("jsd", "mean")]
 )
 def test_two_teachers_match_reference(x64, rng, divergence, teacher_reduction):
@@ -380,11 +381,12 @@ def test_traced_bad_hyper_parameters_give_nan(rng):
 # ---------------------------------------------------------------------------
 
 
-def test_vocabulary_sharded_heads_under_shard_map(x64, rng):
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_vocabulary_sharded_heads_under_shard_map(x64, rng, divergence):
   # V = 40 over 4 devices: 10 entries each, tiles of 4 (the last shifted).
+  # Forward KL takes the one-pass route, JSD the two passes.
   args = make_inputs(rng, vocab=40)
-  mask = rng.random(N) > 0.25
-  kwargs = config("jsd", soft_cap=2.0)
+  kwargs = config(divergence, soft_cap=2.0)
   mesh = jax.make_mesh((4,), ("vocab",),
                        axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:4])

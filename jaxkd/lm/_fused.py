@@ -6,7 +6,9 @@ is 4 GiB, and a distillation loss needs the student's, the teacher's, their
 log-softmaxes and the gradient. :func:`fused_distillation_loss` never builds
 any ``[N, V]`` array: it loops over chunks of tokens and, inside, over tiles
 of the vocabulary, so its working memory is a few ``[token_chunk,
-vocab_chunk]`` tiles whatever ``N`` and ``V``.
+vocab_chunk]`` and ``[H, vocab_chunk]`` tiles whatever ``V`` (plus, in the
+backward pass, the hidden states' gradient accumulating in float32,
+``[N, H]``).
 
 How it computes, for each chunk of ``token_chunk`` tokens:
 
@@ -31,9 +33,20 @@ the student's scaled logits is
 
 Pass 2 of the forward pass also accumulates :math:`\sum_w u_w` per token (one
 float per token is kept for the backward pass, with the two log-sum-exps);
-the backward pass then needs one sweep over the tiles, in which it adds
-``dz @ head_tile^T`` into the hidden state's gradient and
-``hidden^T @ dz`` into the head's gradient tile.
+the backward pass then needs one sweep over (vocabulary tile, token chunk)
+pairs. Its outer loop runs over the vocabulary tiles, so that each tile of
+the head's gradient, ``hidden^T @ dz`` summed over the token chunks in
+float32, is complete when its inner loop ends and is written once, in the
+head's dtype, into the gradient (XLA keeps that in the output buffer: no
+float32 ``[H, V]`` accumulator); ``dz @ head_tile^T`` adds into the hidden
+states' gradient, ``[N, H]``, over the tiles.
+
+Forward and reverse KL of one teacher (or a weighted mean over teachers)
+need no second pass: :math:`\mathrm{KL}(p^x \| p^y) = E_{p^x}[x - y]
+- \log Z_x + \log Z_y` in the scaled logits, and the expectation is
+accumulated in pass 1 itself, rescaled with the running maximum as the
+log-sum-exp is. This saves a quarter of the matrix products of the loss and
+its gradient.
 
 The last chunk of tokens and the last tile of the vocabulary are not padded:
 when ``N`` (or ``V``) is not a multiple of the chunk, the last one is shifted
@@ -200,6 +213,13 @@ def _matmul(a: Array, b: Array, dims, dtype) -> Array:
   return lax.dot_general(a, b, dims, preferred_element_type=dtype)
 
 
+def _like(x: Array, other: Array) -> Array:
+  """``x`` in ``other``'s dtype if that is a 16-bit float, else unchanged."""
+  if jnp.dtype(other.dtype).itemsize < 4:
+    return x.astype(other.dtype)
+  return x
+
+
 _ROWS_BY_COLS = (((1,), (0,)), ((), ()))  # [n, h] x [h, v] -> [n, v]
 _TEACHERS = (((2,), (1,)), ((0,), (0,)))  # [k, n, h] x [k, h, v] -> [k, n, v]
 _BY_COLS_T = (((1,), (1,)), ((), ()))  # [n, v] x [h, v] -> [n, h]
@@ -221,14 +241,20 @@ def _sizes(st: _Static, hs: Array, ws: Array) -> _Sizes:
   return _Sizes(tokens, vocab, tc, vc, -(-tokens // tc), -(-vocab // vc))
 
 
-def _tile_logits(j, hs_c, ht_c, ws, wt, sz: _Sizes, dtype):
-  """Raw logits of vocabulary tile ``j``: student ``[tc, vc]``, teachers."""
+def _tile_heads(j, ws, wt, sz: _Sizes):
+  """Vocabulary tile ``j`` of the heads, its start and its fresh columns."""
   start, fresh = _window(j, sz.vocab_chunk, sz.vocab)
   ws_j = lax.dynamic_slice_in_dim(ws, start, sz.vocab_chunk, axis=1)
   wt_j = lax.dynamic_slice_in_dim(wt, start, sz.vocab_chunk, axis=2)
+  return start, fresh, ws_j, wt_j
+
+
+def _tile_logits(j, hs_c, ht_c, ws, wt, sz: _Sizes, dtype):
+  """Raw logits of vocabulary tile ``j``: student ``[tc, vc]``, teachers."""
+  _, fresh, ws_j, wt_j = _tile_heads(j, ws, wt, sz)
   zs = _matmul(hs_c, ws_j, _ROWS_BY_COLS, dtype)
   zt = _matmul(ht_c, wt_j, _TEACHERS, dtype)
-  return start, fresh, ws_j, zs, zt
+  return fresh, zs, zt
 
 
 def _varying(x: Array, st: _Static) -> Array:
@@ -262,15 +288,101 @@ def _all_logsumexp(lse: Array, axis_name) -> Array:
   return peak + jnp.log(lax.psum(jnp.exp(lse - peak), axis_name))
 
 
+def _one_pass(st: _Static, k: int) -> bool:
+  """Whether one pass over the tiles suffices: KL of each single teacher.
+
+  Forward and reverse KL are ``E_p[x - y] - lse(x) + lse(y)`` in the scaled
+  logits ``x, y``, which one pass accumulates with running maxima (as the
+  online normaliser does); the KL to a mixture of teachers, and the other
+  divergences, are not linear in the logits and need the two passes.
+  """
+  return st.divergence in ("forward_kl", "reverse_kl") and (
+      k == 1 or st.teacher_reduction == "mean"
+  )
+
+
+def _kl_chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype):
+  """Forward or reverse KL of a chunk in one pass over the tiles.
+
+  With ``x`` the logits the expectation is taken under (the teacher's for
+  forward KL, the student's for reverse KL) and ``y`` the other side's,
+  ``KL = A / L_x - lse_x + lse_y`` where ``L_x = sum_v exp(x_v - m_x)`` and
+  ``A = sum_v exp(x_v - m_x) (x_v - y_v)`` are carried with the running
+  maximum ``m_x`` and rescaled by ``exp(m_old - m_new)`` whenever it grows,
+  exactly as the log-sum-exps are.
+  """
+  k, tc = ht_c.shape[0], sz.token_chunk
+  forward = st.divergence == "forward_kl"
+  minus_inf = jnp.full((), -jnp.inf, dtype)
+  zero = jnp.zeros((), dtype)
+
+  def rescaled(m, l, tile):
+    """New running maximum and sum of exponentials with ``tile`` added."""
+    new_m = jnp.maximum(m, jnp.max(tile, axis=-1))
+    l = l * jnp.exp(m - new_m) + jnp.sum(
+        jnp.exp(tile - new_m[..., None]), axis=-1
+    )
+    return new_m, l
+
+  def step(carry, j):
+    m_s, l_s, m_t, l_t, a = carry
+    fresh, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
+    s = jnp.where(fresh[None, :], _scaled(zs, st, prm)[0], minus_inf)
+    t = jnp.where(fresh[None, None, :], _scaled(zt, st, prm)[0], minus_inf)
+    new_m_s, l_s = rescaled(m_s, l_s, s)
+    new_m_t, l_t = rescaled(m_t, l_t, t)
+    # Shared (stale) columns hold -inf on both sides: their difference is
+    # replaced by 0, and their weight is exp(-inf) = 0.
+    if forward:
+      diff = jnp.where(fresh[None, None, :], t - s[None], zero)
+      weight = jnp.exp(t - new_m_t[..., None])
+      a = a * jnp.exp(m_t - new_m_t)
+    else:
+      diff = jnp.where(fresh[None, None, :], s[None] - t, zero)
+      weight = jnp.exp(s - new_m_s[:, None])[None]
+      a = a * jnp.exp(m_s - new_m_s)[None]
+    a = a + jnp.sum(weight * diff, axis=-1)
+    return (new_m_s, l_s, new_m_t, l_t, a), None
+
+  init = (
+      jnp.full((tc,), -jnp.inf, dtype), jnp.zeros((tc,), dtype),
+      jnp.full((k, tc), -jnp.inf, dtype), jnp.zeros((k, tc), dtype),
+      jnp.zeros((k, tc), dtype),
+  )
+  (m_s, l_s, m_t, l_t, a), _ = lax.scan(
+      step, _varying(init, st), jnp.arange(sz.tiles, dtype=jnp.int32)
+  )
+  if st.axis_name is not None:
+    # Devices' partial sums, brought to the common maximum, add up.
+    peak_s, peak_t = lax.pmax(m_s, st.axis_name), lax.pmax(m_t, st.axis_name)
+    l_s = lax.psum(l_s * jnp.exp(m_s - peak_s), st.axis_name)
+    l_t = lax.psum(l_t * jnp.exp(m_t - peak_t), st.axis_name)
+    scale = jnp.exp(m_t - peak_t) if forward else jnp.exp(m_s - peak_s)[None]
+    a = lax.psum(a * scale, st.axis_name)
+    m_s, m_t = peak_s, peak_t
+  lse_s, lse_t = m_s + jnp.log(l_s), m_t + jnp.log(l_t)
+  if forward:
+    per_teacher = a / l_t - lse_t + lse_s[None]
+  else:
+    per_teacher = a / l_s[None] - lse_s[None] + lse_t
+  total = jnp.sum(prm.weights[:, None] * per_teacher, axis=0)
+  # sum_v u_v: forward KL's u = -p_T sums to -1; reverse KL's
+  # u = p_S (log p_S - log p_T + 1) sums to KL + 1.
+  slope = jnp.full((tc,), -1.0, dtype) if forward else total + 1
+  return total, (lse_s, jnp.moveaxis(lse_t, 0, 1), slope)
+
+
 def _chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype, with_slope):
   """Per-token divergence (and the backward pass's statistics) of a chunk."""
   k, tc = ht_c.shape[0], sz.token_chunk
+  if _one_pass(st, k):
+    return _kl_chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype)
   tiles = jnp.arange(sz.tiles, dtype=jnp.int32)
   minus_inf = jnp.full((), -jnp.inf, dtype)
 
   def lse_step(carry, j):
     lse_s, lse_t = carry
-    _, fresh, _, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
+    fresh, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
     s = jnp.where(fresh[None, :], _scaled(zs, st, prm)[0], minus_inf)
     t = jnp.where(fresh[None, None, :], _scaled(zt, st, prm)[0], minus_inf)
     return (_add_logsumexp(lse_s, s), _add_logsumexp(lse_t, t)), None
@@ -285,7 +397,7 @@ def _chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype, with_slope):
 
   def divergence_step(carry, j):
     total, slope = carry
-    _, fresh, _, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
+    fresh, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
     log_ps = _scaled(zs, st, prm)[0] - lse_s[:, None]
     log_pt = _scaled(zt, st, prm)[0] - lse_t[..., None]
     f, u = _term_and_slope(st, log_ps, log_pt, prm)
@@ -332,56 +444,69 @@ def _fused_fwd(st, hs, ws, ht, wt, prm):
 
 
 def _fused_bwd(st, residuals, cotangent):
+  # Vocabulary tiles are the outer loop here (token chunks the outer one in
+  # the forward pass): each tile of the head's gradient is complete after
+  # its inner loop and is written once, in the head's dtype, into the
+  # gradient (which XLA keeps in the output buffer), so no float32 [H, V]
+  # accumulator exists even for a bfloat16 head. The hidden states'
+  # gradient, [N, H], accumulates over the tiles.
   hs, ws, ht, wt, prm, (lse_s, lse_t, slope) = residuals
   dtype = prm.factor.dtype
   sz = _sizes(st, hs, ws)
-  tiles = jnp.arange(sz.tiles, dtype=jnp.int32)
   lse_t = jnp.moveaxis(lse_t, 1, 0)  # [K, N].
+  cotangent = cotangent.astype(dtype)
   zero = jnp.zeros((), dtype)
 
-  def chunk_step(dws, i):
-    row0, fresh_rows = _window(i, sz.token_chunk, sz.tokens)
+  def tile_step(carry, j):
+    dh, dws = carry
+    start, fresh, ws_j, wt_j = _tile_heads(j, ws, wt, sz)
 
-    def rows(x, axis=0):
-      return lax.dynamic_slice_in_dim(x, row0, sz.token_chunk, axis=axis)
+    def chunk_step(carry, i):
+      dh, dws_j = carry
+      row0, fresh_rows = _window(i, sz.token_chunk, sz.tokens)
 
-    hs_c, ht_c = rows(hs), rows(ht, axis=1)
-    # Rows shared with the chunk before were counted there: no cotangent.
-    g_c = jnp.where(fresh_rows, rows(cotangent).astype(dtype), zero)
-    lse_s_c, lse_t_c, slope_c = rows(lse_s), rows(lse_t, axis=1), rows(slope)
-    hs_c_t = hs_c.astype(dtype)
+      def rows(x, axis=0):
+        return lax.dynamic_slice_in_dim(x, row0, sz.token_chunk, axis=axis)
 
-    def tile_step(carry, j):
-      dh_c, dws = carry
-      start, fresh, ws_j, zs, zt = _tile_logits(
-          j, hs_c, ht_c, ws, wt, sz, dtype
-      )
+      hs_c, ht_c = rows(hs), rows(ht, axis=1)
+      # Rows shared with the chunk before were counted there: no cotangent.
+      g_c = jnp.where(fresh_rows, rows(cotangent), zero)
+      zs = _matmul(hs_c, ws_j, _ROWS_BY_COLS, dtype)
+      zt = _matmul(ht_c, wt_j, _TEACHERS, dtype)
       s, ds_dz = _scaled(zs, st, prm)
-      log_ps = s - lse_s_c[:, None]
-      log_pt = _scaled(zt, st, prm)[0] - lse_t_c[..., None]
+      log_ps = s - rows(lse_s)[:, None]
+      log_pt = _scaled(zt, st, prm)[0] - rows(lse_t, axis=1)[..., None]
       _, u = _term_and_slope(st, log_ps, log_pt, prm)
-      grad_s = g_c[:, None] * (u - jnp.exp(log_ps) * slope_c[:, None])
+      grad_s = g_c[:, None] * (u - jnp.exp(log_ps) * rows(slope)[:, None])
       dz = jnp.where(fresh[None, :], grad_s * ds_dz, zero)
-      dh_c = dh_c + _matmul(dz, ws_j.astype(dtype), _BY_COLS_T, dtype)
-      tile = lax.dynamic_slice_in_dim(dws, start, sz.vocab_chunk, axis=1)
-      tile = tile + _matmul(hs_c_t, dz, _T_BY_ROWS, dtype)
-      dws = lax.dynamic_update_slice_in_dim(dws, tile, start, axis=1)
-      return (dh_c, dws), None
+      # With 16-bit weights (hidden states), dz is rounded to their dtype
+      # and multiplied with float32 accumulation, as in the forward pass: no
+      # float32 copy of the head's tile (of the hidden chunk) is made.
+      dh_c = rows(dh) + _matmul(_like(dz, ws_j), ws_j, _BY_COLS_T, dtype)
+      dh = lax.dynamic_update_slice_in_dim(dh, dh_c, row0, axis=0)
+      dws_j = dws_j + _matmul(hs_c, _like(dz, hs_c), _T_BY_ROWS, dtype)
+      return (dh, dws_j), None
 
-    dh_c = _varying(jnp.zeros((sz.token_chunk, hs.shape[1]), dtype), st)
-    (dh_c, dws), _ = lax.scan(tile_step, (dh_c, dws), tiles)
-    return dws, dh_c
+    dws_j = _varying(jnp.zeros(ws_j.shape, dtype), st)
+    (dh, dws_j), _ = lax.scan(
+        chunk_step, (dh, dws_j), jnp.arange(sz.chunks, dtype=jnp.int32)
+    )
+    # The last tile's columns shared with the tile before keep that tile's
+    # gradient (here they hold zeros: dz was masked there).
+    previous = lax.dynamic_slice_in_dim(dws, start, sz.vocab_chunk, axis=1)
+    dws_j = jnp.where(fresh[None, :], dws_j.astype(dws.dtype), previous)
+    dws = lax.dynamic_update_slice_in_dim(dws, dws_j, start, axis=1)
+    return (dh, dws), None
 
-  dws, dh = lax.scan(
-      chunk_step, _varying(jnp.zeros(ws.shape, dtype), st),
-      jnp.arange(sz.chunks, dtype=jnp.int32),
+  init = (jnp.zeros(hs.shape, dtype), jnp.zeros(ws.shape, ws.dtype))
+  (dh, dws), _ = lax.scan(
+      tile_step, _varying(init, st), jnp.arange(sz.tiles, dtype=jnp.int32)
   )
-  dh = _unchunk(dh, sz.tokens)
   if st.axis_name is not None:
     dh = lax.psum(dh, st.axis_name)
   return (
       dh.astype(hs.dtype),
-      dws.astype(ws.dtype),
+      dws,
       jnp.zeros_like(ht),
       jnp.zeros_like(wt),
       jax.tree.map(jnp.zeros_like, prm),
@@ -508,7 +633,7 @@ def fused_distillation_loss(
     teacher_weights: ArrayLike | None = None,
     teacher_reduction: str = "mixture",
     token_chunk: int = 512,
-    vocab_chunk: int = 4096,
+    vocab_chunk: int = 2048,
     logit_scale: ArrayLike = 1.0,
     soft_cap: ArrayLike | None = None,
     reduction: str = "mean",
@@ -556,8 +681,11 @@ def fused_distillation_loss(
 
   **Precision.** Computation is in float32 (float64 when an input is
   float64); 16-bit hidden states and heads are multiplied with float32
-  accumulation (``preferred_element_type``) and the head's gradient is
-  accumulated in float32 before being cast to the head's dtype.
+  accumulation (``preferred_element_type``). In the backward pass the
+  logits' gradient is rounded to the 16-bit dtype of the operand it is
+  multiplied with (as autodiff of a 16-bit matmul does), again with float32
+  accumulation; both gradients are summed in float32 and rounded to their
+  input's dtype once, at the end.
 
   **Several teachers.** With ``teacher_head`` of shape ``[K, H_T, V]`` and
   ``teacher_hidden`` of shape ``[K, ..., H_T]``, the weights :math:`w_k`
@@ -597,8 +725,9 @@ def fused_distillation_loss(
     teacher_weights: Optional non-negative weights of shape ``[K]``.
     teacher_reduction: ``"mixture"`` or ``"mean"`` (above).
     token_chunk: Tokens per chunk (>= 1; capped at ``N``).
-    vocab_chunk: Vocabulary entries per tile (>= 1; capped at ``V``). Memory
-      grows with ``token_chunk * vocab_chunk``, not with ``N * V``.
+    vocab_chunk: Vocabulary entries per tile (>= 1; capped at ``V``). The
+      working memory grows with ``token_chunk * vocab_chunk`` and
+      ``H * vocab_chunk``, not with ``V``.
     logit_scale: Factor :math:`\lambda > 0` applied after the soft cap (for
       heads whose logits are scaled, e.g. tied embeddings with
       ``1 / sqrt(H)``), to both models.
