@@ -25,7 +25,6 @@ epoch with the test metrics), ``tensorboard/`` (event files),
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -36,7 +35,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments import input_pipeline
 from experiments import loop as loop_lib
 from experiments import methods as methods_lib
 from experiments import model_checks
@@ -44,253 +42,20 @@ from experiments import writers
 from jaxkd import checkpoint as checkpoint_lib
 from jaxkd.methods import data_free as data_free_lib
 from jaxkd import objective
-from jaxkd import sharding
 from jaxkd import teachers as teachers_lib
-from jaxkd import models
 from jaxkd.models import Model
 from jaxkd.state import DistillState
 from jaxkd.train_step import Distillation
-from jaxkd.train_step import Views
 from jaxkd.train_step import make_eval_step
 from jaxkd.train_step import make_train_step
 from jaxkd.train_step import summarize
 
-NONFINITE_MODES = ("stop", "skip")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "piecewise", "cosine")
-
-# ---------------------------------------------------------------------------
-# Checks before any data is read or anything is compiled.
-# ---------------------------------------------------------------------------
-
-
-def describe_config(config: ml_collections.ConfigDict) -> str:
-  """Every field of ``config`` as ``--config.<path>=<value>`` lines."""
-  lines = []
-
-  def walk(prefix: str, node: Any) -> None:
-    for key in sorted(node.keys()):
-      value = node[key]
-      if isinstance(value, ml_collections.ConfigDict):
-        walk(f"{prefix}{key}.", value)
-      else:
-        lines.append(f"--config.{prefix}{key}={value!r}")
-
-  walk("", config)
-  return "\n".join(lines)
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-  if value not in choices:
-    raise ValueError(
-        f"`{name}` must be one of {', '.join(map(repr, choices))}; got"
-        f" {value!r}."
-    )
-
-
-def _check_optimizer(name: str, cfg: ml_collections.ConfigDict) -> None:
-  _check_choice(f"{name}.name", cfg.name, OPTIMIZERS)
-  _check_choice(f"{name}.schedule", cfg.schedule, SCHEDULES)
-  if cfg.learning_rate <= 0:
-    raise ValueError(
-        f"`{name}.learning_rate` must be > 0, got {cfg.learning_rate}.")
-
-
-def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
-  """Raises ValueError on a bad method, model or optimiser name.
-
-  Needs no data and compiles nothing; :func:`Context.create` then checks the
-  data set, the splits and that the models take its images.
-  """
-  names = {"train": [config.method], "pipeline": list(config.pipeline.methods),
-           "compare": list(config.compare.methods),
-           "sweep": [config.sweep.method]}
-  if mode not in names:
-    raise ValueError(f"Unknown mode {mode!r}; modes: {', '.join(names)}.")
-  for name in names[mode]:
-    methods_lib.check_method(name)
-    methods_lib.build(name, config, steps_per_epoch=1)  # checks sub-config
-  if mode == "sweep" and config.sweep.method not in (
-      methods_lib.TEMPERATURE_METHODS):
-    raise ValueError(
-        f"`sweep.method` must have a temperature: one of"
-        f" {', '.join(methods_lib.TEMPERATURE_METHODS)}; got"
-        f" {config.sweep.method!r}."
-    )
-  if mode == "sweep" and not config.sweep.temperatures:
-    raise ValueError("`sweep.temperatures` is empty.")
-  if mode == "sweep" and any(t <= 0 for t in config.sweep.temperatures):
-    raise ValueError(
-        f"`sweep.temperatures` must be > 0, got {config.sweep.temperatures}.")
-  models.check_name(config.student.model)
-  models.check_name(config.teacher.model)
-  _check_choice("nonfinite", config.nonfinite, NONFINITE_MODES)
-  _check_optimizer("optimizer", config.optimizer)
-  _check_optimizer("teacher.optimizer", config.teacher.optimizer)
-  for name in ("num_epochs", "batch_size", "eval_batch_size",
-               "log_every_steps", "checkpoint_every_epochs",
-               "max_checkpoints"):
-    if config[name] < 1:
-      raise ValueError(f"`{name}` must be >= 1, got {config[name]}.")
-  if config.steps_per_epoch < 0:
-    raise ValueError(
-        f"`steps_per_epoch` must be >= 0, got {config.steps_per_epoch}.")
-  if config.teacher.num_teachers < 1:
-    raise ValueError("`teacher.num_teachers` must be >= 1.")
-  for name in ("pipeline", "compare"):
-    if config[name].seeds < 1:
-      raise ValueError(
-          f"`{name}.seeds` must be >= 1, got {config[name].seeds}.")
-
-
-# ---------------------------------------------------------------------------
-# Optimisers.
-# ---------------------------------------------------------------------------
-
-
-def kernel_mask(params: Any) -> Any:
-  """``True`` on the ``kernel`` leaves (convolutions and dense layers)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
-
-
-def learning_rate_schedule(
-    cfg: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int
-) -> optax.Schedule:
-  """The step -> learning rate function of an optimiser sub-config."""
-  total = max(1, num_epochs * steps_per_epoch)
-  warmup = int(cfg.warmup_epochs * steps_per_epoch)
-  if cfg.schedule == "constant":
-    main = optax.constant_schedule(cfg.learning_rate)
-  elif cfg.schedule == "piecewise":
-    main = optax.piecewise_constant_schedule(
-        cfg.learning_rate,
-        {max(1, int(e * steps_per_epoch) - warmup): cfg.decay_factor
-         for e in cfg.decay_epochs})
-  else:
-    main = optax.cosine_decay_schedule(cfg.learning_rate,
-                                       max(1, total - warmup))
-  if warmup <= 0:
-    return main
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.learning_rate, warmup), main],
-      [warmup])
-
-
-def make_optimizer(
-    cfg: ml_collections.ConfigDict, *, steps_per_epoch: int, num_epochs: int
-) -> optax.GradientTransformation:
-  """SGD with momentum, Adam or AdamW, weight decay on kernels only."""
-  schedule = learning_rate_schedule(cfg, steps_per_epoch=steps_per_epoch,
-                                    num_epochs=num_epochs)
-  parts = []
-  if cfg.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  if cfg.name == "adamw":
-    parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay,
-                             mask=kernel_mask))
-    return optax.chain(*parts)
-  if cfg.weight_decay > 0:
-    # Coupled L2 (PyTorch's `weight_decay`): added to the gradient first.
-    parts.append(optax.add_decayed_weights(cfg.weight_decay,
-                                           mask=kernel_mask))
-  if cfg.name == "sgd":
-    parts.append(optax.sgd(schedule, momentum=cfg.momentum or None,
-                           nesterov=cfg.nesterov))
-  else:
-    parts.append(optax.adam(schedule))
-  return optax.chain(*parts)
-
-
-# ---------------------------------------------------------------------------
-# The shared context of a process.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Context:
-  """Data, models and compiled steps shared by every run of one process.
-
-  Models, teacher groups and ``Distillation`` objects are static arguments
-  of the compiled steps (hashed by identity), so they are built once and
-  cached here: the second seed of a pipeline compiles nothing.
-  """
-
-  config: ml_collections.ConfigDict
-  workdir: pathlib.Path
-  data: input_pipeline.Data
-  mesh: Any = None
-  _cache: dict = dataclasses.field(default_factory=dict)
-
-  @classmethod
-  def create(cls, config: ml_collections.ConfigDict,
-             workdir: str | pathlib.Path) -> Context:
-    """Opens the data and checks that the models take its images."""
-    data = input_pipeline.setup(config)
-    context = cls(config=config, workdir=pathlib.Path(workdir), data=data)
-    for role in ("student", "teacher"):
-      model = context.model(config[role].model)
-      model_checks.check_input_shape(
-          model, data.image_shape,
-          where=f"`{role}.model` on data set {data.spec.name!r}")
-    if config.data_parallel and jax.device_count() > 1:
-      devices = jax.device_count()
-      for name in ("batch_size", "eval_batch_size"):
-        if config[name] % devices:
-          raise ValueError(
-              f"`{name}` {config[name]} is not divisible by the"
-              f" {devices} devices (data parallelism); change it or set"
-              " `data_parallel=False`."
-          )
-      context.mesh = sharding.make_mesh()
-    return context
-
-  def cached(self, key: Any, build: Callable[[], Any]) -> Any:
-    if key not in self._cache:
-      self._cache[key] = build()
-    return self._cache[key]
-
-  def model(self, name: str) -> Model:
-    return self.cached(("model", name), lambda: models.create(
-        name, num_classes=self.data.num_classes))
-
-  def group(self, model_name: str) -> teachers_lib.TeacherGroup:
-    return self.cached(("group", model_name), lambda: (
-        teachers_lib.TeacherGroup(self.model(model_name), name="teacher")))
-
-  def born_again_group(self) -> teachers_lib.TeacherGroup:
-    """A teacher of the student's architecture (born-again networks)."""
-    return self.cached(("born_again_group",), lambda: (
-        teachers_lib.TeacherGroup(self.model(self.config.student.model),
-                                  name="teacher")))
-
-  def group_for(self, plan: methods_lib.Plan
-                ) -> teachers_lib.TeacherGroup | None:
-    """The teacher group a method's plan runs with, or None."""
-    if plan.teacher_is_student:
-      return self.born_again_group()
-    if plan.num_teachers or plan.data_free:
-      return self.group(self.config.teacher.model)
-    return None
-
-  def put(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
-    if self.mesh is None:
-      return batch
-    return sharding.shard_batch(batch, self.mesh)
-
-  def place(self, state: DistillState) -> DistillState:
-    if self.mesh is None:
-      return state
-    return sharding.shard_state(state, self.mesh)
-
-
-def _views(shift_pixels: int, extra: Views = Views()) -> Views:
-  shared = None
-  if shift_pixels:
-    shared = functools.partial(input_pipeline.random_shift,
-                               pixels=int(shift_pixels))
-  return dataclasses.replace(extra, shared=shared)
-
+# Re-exported: experiments/pipeline.py and the tests use them as train.*.
+from experiments.context import Context  # pylint: disable=g-bad-import-order
+from experiments.context import _views  # pylint: disable=g-bad-import-order
+from experiments.settings import describe_config  # pylint: disable=g-bad-import-order
+from experiments.settings import make_optimizer  # pylint: disable=g-bad-import-order
+from experiments.settings import validate  # pylint: disable=g-bad-import-order
 
 # ---------------------------------------------------------------------------
 # Runs of the distillation engine.
@@ -700,7 +465,6 @@ def _train_data_free(ctx: Context, seed: int, teachers: Teachers,
   config = ctx.config
   cfg = config.data_free
   spe = cfg.steps_per_epoch or ctx.data.steps_per_epoch
-  student = ctx.model(config.student.model)
   dfd = _data_free_spec(ctx, teachers.group)
 
   def build():

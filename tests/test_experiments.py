@@ -16,7 +16,6 @@ import pytest
 from experiments import loop
 from experiments import main as main_lib
 from experiments import methods
-from experiments import model_checks
 from experiments import pipeline
 from experiments import train
 from experiments.configs import common
@@ -300,7 +299,7 @@ def _compiles(monkeypatch):
     ("dataset", "cifar1000", "Unknown data set 'cifar1000'"),
     ("train_split", "trian", "Unknown split 'trian'"),
     ("method", "kd2", "Unknown method 'kd2'. Known methods: baseline, kd"),
-    ("student.model", "resnet9", "Unknown model 'resnet9'"),
+    ("student.model", "resnet9", "Unknown model name 'resnet9'"),
     ("nonfinite", "ignore", "`nonfinite` must be one of"),
     ("optimizer.name", "rmsprop", "`optimizer.name` must be one of"),
     ("image_size", 64, "`image_size` resizes only"),

@@ -29,7 +29,8 @@ def ctx(tmp_path_factory):
   jax.config.update("jax_disable_most_optimizations", True)
   root = tmp_path_factory.mktemp("logs")
   config = tiny_config(root / "data", num_epochs=2, steps_per_epoch=2,
-                       log_every_steps=1, checkpoint_every_epochs=1)
+                       log_every_steps=1, checkpoint_every_epochs=1,
+                       max_checkpoints=2)
   yield train.Context.create(config, root / "work")
   jax.config.update("jax_disable_most_optimizations", before)
 
