@@ -9,12 +9,14 @@ and its gradient stay finite when either model is arbitrarily confident.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd.losses import _log_ratio
 from jaxkd.losses import _soft_target
 from jaxkd.losses import _validation as v
 
@@ -98,6 +100,40 @@ def _binary_log_probs(target_margin: Array) -> Array:
       ],
       axis=-1,
   )
+
+
+def _binary_log_ratios(
+    margin_difference: Array, log_teacher: Array, log_student: Array
+) -> Array:
+  """``log b^S - log b^T`` for the binary (target, rest) distributions.
+
+  With ``x`` the teacher's margin and ``D`` the student's minus it,
+  ``log sigmoid(x + D) - log sigmoid(x) = -log1p(sigmoid(-x) expm1(-D))`` and
+  ``log sigmoid(-x - D) - log sigmoid(-x) = -log1p(sigmoid(x) expm1(D))``:
+  accurate for small ``D`` (a high temperature), where subtracting the two
+  ``log_sigmoid`` values would leave rounding noise. For ``|D| > 1`` (or
+  infinite margins) the plain difference is accurate and used instead.
+  """
+  dtype = log_teacher.dtype
+  zero = jnp.zeros((), dtype)
+  near = jnp.abs(margin_difference) <= 1
+  diff = jnp.where(near, margin_difference, zero)
+  p_target = jnp.exp(log_teacher[..., 0])
+  p_rest = jnp.exp(log_teacher[..., 1])
+  accurate = jnp.stack(
+      [
+          -jnp.log1p(p_rest * jnp.expm1(-diff)),
+          -jnp.log1p(p_target * jnp.expm1(diff)),
+      ],
+      axis=-1,
+  )
+  both = _log_ratio.supported(log_teacher) & _log_ratio.supported(
+      log_student
+  )
+  plain = jnp.where(both, log_student, zero) - jnp.where(
+      both, log_teacher, zero
+  )
+  return jnp.where(near[..., None], accurate, plain)
 
 
 def dkd_loss(
@@ -191,9 +227,9 @@ def dkd_loss(
 
   .. versionadded:: 0.1.0
   """
-  v.check_non_negative("alpha", alpha)
-  v.check_non_negative("beta", beta)
-  student_logits, teacher_logits, axis, where = (
+  alpha_valid = v.check_non_negative("alpha", alpha)
+  beta_valid = v.check_non_negative("beta", beta)
+  student_logits, teacher_logits, axis, where, temperature_valid = (
       _soft_target.prepare_logit_pair(
           student_logits, teacher_logits, temperature=temperature, axis=axis,
           where=where,
@@ -209,34 +245,83 @@ def dkd_loss(
   targets = _target_indices(labels, student_logits, axis, where)
   dtype = student_logits.dtype
 
+  loss = _dkd_core(
+      student_logits, teacher_logits, targets, alpha, beta, temperature, axis
+  )
+  return v.nan_unless(
+      v.all_valid(temperature_valid, alpha_valid, beta_valid),
+      v.apply_where(loss, where),
+  )
+
+
+# The numerical core is jitted (the checks stay outside): an eager call
+# compiles one program per shape instead of dispatching each operation.
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _dkd_core(
+    student_logits: Array,
+    teacher_logits: Array,
+    targets: Array,
+    alpha: ArrayLike,
+    beta: ArrayLike,
+    temperature: ArrayLike,
+    axis: int,
+) -> Array:
+  """The per-example DKD loss of checked, cast inputs (no ``where``)."""
+  dtype = student_logits.dtype
   class_ids = jax.lax.broadcasted_iota(jnp.int32, student_logits.shape, axis)
   is_target = class_ids == jnp.expand_dims(targets, axis)
   # Traced labels outside [0, C) select no class; such examples become nan.
   valid = jnp.any(is_target, axis=axis)
 
   temperature = jnp.asarray(temperature).astype(dtype)
-  neg_inf = jnp.full((), -jnp.inf, dtype)
   zero = jnp.zeros((), dtype)
 
-  def parts(logits: Array) -> tuple[Array, Array]:
-    scaled = logits / temperature
-    # The target removed exactly with -inf (never a large negative constant).
-    non_target = jnp.where(is_target, neg_inf, scaled)
-    target_logit = jnp.sum(jnp.where(is_target, scaled, zero), axis=axis)
-    margin = target_logit - jax.nn.logsumexp(non_target, axis=axis)
-    log_binary = _binary_log_probs(margin)
-    # log p_hat: -inf at the target, which kl_from_log_probs counts as 0.
-    log_non_target = jax.nn.log_softmax(non_target, axis=axis)
-    return log_binary, log_non_target
-
-  teacher_binary, teacher_non_target = parts(teacher_logits)
-  student_binary, student_non_target = parts(student_logits)
-  tckd = _soft_target.kl_from_log_probs(teacher_binary, student_binary, -1)
-  nckd = _soft_target.kl_from_log_probs(
-      teacher_non_target, student_non_target, axis
+  # NCKD: the KL of the two distributions over the non-target classes (the
+  # target removed exactly, never by subtracting a large constant), computed
+  # from the logit difference so it is accurate at any temperature.
+  pair = _log_ratio.logit_pair(
+      teacher_logits, student_logits, temperature, axis, classes=~is_target
   )
+  nckd = _log_ratio.forward_kl(pair)
+
+  # TCKD: margins m = z_t / T - logsumexp_{k != t} z_k / T in the shifted
+  # frame of `pair`, and the student's margin minus the teacher's from the
+  # accurate normaliser gap.
+  def margin(shifted: Array, norm: Array) -> tuple[Array, Array]:
+    has_target = jnp.any(is_target & (shifted > -jnp.inf), axis=axis)
+    picked = jnp.sum(
+        jnp.where(is_target & (shifted > -jnp.inf), shifted, zero), axis=axis
+    )
+    scaled = jnp.where(
+        has_target, picked / temperature, jnp.full((), -jnp.inf, dtype)
+    )
+    return scaled - jnp.squeeze(norm, axis), picked
+
+  teacher_margin, teacher_picked = margin(pair.shifted_p, pair.norm_p)
+  student_margin, student_picked = margin(pair.shifted_q, pair.norm_q)
+  margin_difference = (
+      student_picked - teacher_picked
+  ) / temperature - _log_ratio.log_normalizer_gap(pair)
+  teacher_binary = _binary_log_probs(teacher_margin)
+  student_binary = _binary_log_probs(student_margin)
+  binary_d = _binary_log_ratios(
+      margin_difference, teacher_binary, student_binary
+  )
+  binary_supp_t = _log_ratio.supported(teacher_binary)
+  binary_supp_s = _log_ratio.supported(student_binary)
+  binary_both = binary_supp_t & binary_supp_s
+  tckd, _ = _log_ratio.centered_gap(teacher_binary, binary_d, binary_both, -1)
+  tckd = tckd + _log_ratio.outside_mass(
+      student_binary, binary_both, binary_supp_s & ~binary_both, -1
+  )
+  tckd = jnp.where(
+      jnp.any(binary_supp_t & ~binary_both, axis=-1),
+      jnp.full((), jnp.inf, dtype),
+      tckd,
+  )
+
   alpha = jnp.asarray(alpha).astype(dtype)
   beta = jnp.asarray(beta).astype(dtype)
   loss = temperature**2 * (alpha * tckd + beta * nckd)
   loss = jnp.where(valid, loss, jnp.full((), jnp.nan, dtype))
-  return v.apply_where(loss, where)
+  return v.nan_where_nan(loss, student_logits, teacher_logits, axis=axis)

@@ -1,19 +1,27 @@
-"""Divergences between the student's and the teacher's soft targets.
+r"""Divergences between the student's and the teacher's soft targets.
 
 Alternatives to the forward KL of :func:`jaxkd.losses.kl_divergence`: the
 mode-seeking reverse KL, the generalized Jensen-Shannon divergence that
 interpolates between the two, and the total variation distance. All of them
 take raw logits and form probabilities in log space
 (``log_softmax(z / T)``); none applies a :math:`T^2` factor.
+
+Each is computed from the logit difference of the two models
+(:mod:`jaxkd.losses._log_ratio`): the log-ratio :math:`\log(p^S / p^T)` of
+every class keeps the relative precision of the logit difference, so the
+divergences stay accurate in float32 at temperatures up to :math:`10^4`,
+where they are of order :math:`1 / T^2`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jaxkd.losses import _log_ratio
 from jaxkd.losses import _soft_target
 from jaxkd.losses import _validation as v
 
@@ -72,20 +80,18 @@ def reverse_kl_divergence(
 
   .. versionadded:: 0.1.0
   """
-  student_logits, teacher_logits, axis, where = _soft_target.prepare_logit_pair(
-      student_logits, teacher_logits, temperature=temperature, axis=axis,
-      where=where,
+  student_logits, teacher_logits, axis, where, valid = (
+      _soft_target.prepare_logit_pair(
+          student_logits, teacher_logits, temperature=temperature, axis=axis,
+          where=where,
+      )
   )
-  log_p_teacher = _soft_target.scaled_log_softmax(
-      teacher_logits, temperature, axis
+  # The forward KL with the roles swapped: the student is the reference
+  # distribution, so its impossible classes contribute exactly zero.
+  loss = _soft_target.kl_from_logits(
+      student_logits, teacher_logits, temperature, axis
   )
-  log_p_student = _soft_target.scaled_log_softmax(
-      student_logits, temperature, axis
-  )
-  # The forward KL with the arguments swapped; its 0 log 0 = 0 handling now
-  # applies to the student's impossible classes.
-  loss = _soft_target.kl_from_log_probs(log_p_student, log_p_teacher, axis)
-  return v.apply_where(loss, where)
+  return v.nan_unless(valid, v.apply_where(loss, where))
 
 
 def jensen_shannon_divergence(
@@ -170,49 +176,119 @@ def jensen_shannon_divergence(
 
   .. versionadded:: 0.1.0
   """
-  v.check_in_unit_interval("beta", beta)
-  student_logits, teacher_logits, axis, where = _soft_target.prepare_logit_pair(
-      student_logits, teacher_logits, temperature=temperature, axis=axis,
-      where=where,
+  beta_valid = v.check_in_unit_interval("beta", beta)
+  student_logits, teacher_logits, axis, where, valid = (
+      _soft_target.prepare_logit_pair(
+          student_logits, teacher_logits, temperature=temperature, axis=axis,
+          where=where,
+      )
   )
-  log_p_teacher = _soft_target.scaled_log_softmax(
-      teacher_logits, temperature, axis
+  loss = _jsd_core(student_logits, teacher_logits, beta, temperature, axis)
+  return v.nan_unless(
+      v.all_valid(valid, beta_valid), v.apply_where(loss, where)
   )
-  log_p_student = _soft_target.scaled_log_softmax(
-      student_logits, temperature, axis
-  )
-  dtype = log_p_teacher.dtype
+
+
+# The numerical cores are jitted (the checks stay outside): an eager call
+# compiles one program per shape instead of dispatching each operation.
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _jsd_core(
+    student_logits: Array,
+    teacher_logits: Array,
+    beta: ArrayLike,
+    temperature: ArrayLike,
+    axis: int,
+) -> Array:
+  dtype = student_logits.dtype
   beta = jnp.asarray(beta).astype(dtype)
+  pair = _log_ratio.logit_pair(
+      teacher_logits, student_logits, temperature, axis
+  )
   # At beta = 0 or 1 one of log(beta), log(1 - beta) is -inf and its KL term
   # is 0 * (possibly inf): compute with a harmless beta there and return the
   # exact limit 0 instead (double where: no nan in either pass).
   interior = (beta > 0) & (beta < 1)
   safe_beta = jnp.where(interior, beta, jnp.full((), 0.5, dtype))
-  # log m by logaddexp, never log(beta p_T + (1 - beta) p_S); log1p keeps
-  # log(1 - beta) accurate for small beta.
-  log_weighted_teacher = jnp.log(safe_beta) + log_p_teacher
-  log_weighted_student = jnp.log1p(-safe_beta) + log_p_student
-  # A class impossible for both has m = 0 and contributes 0 to both KL terms;
-  # logaddexp(-inf, -inf) has a nan gradient, so feed it zeros there.
-  neither = (log_p_teacher == -jnp.inf) & (log_p_student == -jnp.inf)
+  loss = _generalized_jsd(pair, safe_beta)
+  loss = jnp.where(interior, loss, jnp.zeros((), loss.dtype))
+  return v.nan_where_nan(loss, student_logits, teacher_logits, axis=axis)
+
+
+def _kl_to_mixture(
+    log_self: Array,
+    log_other: Array,
+    log_ratio: Array,
+    both: Array,
+    self_only: Array,
+    other_only: Array,
+    weights: tuple[Array, Array, Array, Array],
+    axis: int,
+) -> Array:
+  r""":math:`\mathrm{KL}(r \,\|\, m)` for :math:`m = w r + (1 - w) o`.
+
+  ``log_ratio`` is :math:`\log(o / r)` on ``both``; ``log_self`` and
+  ``log_other`` are the normalised log-probabilities of :math:`r` and
+  :math:`o`. On ``both`` :math:`\log(m / r) = \log(w + (1 - w) e^{g})`;
+  where only :math:`r` has mass it is :math:`\log w`. The divergence is the
+  centred gap of these log-ratios over :math:`r`'s support plus
+  :math:`-\log m(\mathrm{supp}\, r)`, the mixture's mass outside it.
+  ``weights`` is ``(w, 1 - w, log w, log(1 - w))``, each formed directly so
+  that a tiny ``w`` or ``1 - w`` keeps its precision.
+  """
+  dtype = log_self.dtype
   zero = jnp.zeros((), dtype)
-  log_mixture = jnp.where(
-      neither,
-      jnp.full((), -jnp.inf, dtype),
-      jnp.logaddexp(
-          jnp.where(neither, zero, log_weighted_teacher),
-          jnp.where(neither, zero, log_weighted_student),
+  weight_self, weight_other, log_w_self, log_w_other = weights
+  log_m_over_r = jnp.where(
+      both,
+      _log_ratio.log_two_point(
+          log_ratio, weight_self, weight_other, log_w_self, log_w_other
+      ),
+      jnp.where(self_only, log_w_self, zero),
+  )
+  support = both | self_only
+  # log m itself, the exponent of each term: for classes where r and o are
+  # far apart, log r + log(m / r) would add a large negative and a large
+  # positive number, so it is formed as a log-sum of the two parts there.
+  safe_self = jnp.where(support, log_self, zero)
+  safe_other = jnp.where(both, log_other, zero)
+  near = both & (jnp.abs(log_ratio) <= 1)
+  log_m = jnp.where(
+      near,
+      safe_self + log_m_over_r,
+      jnp.where(
+          both,
+          jnp.logaddexp(log_w_self + safe_self, log_w_other + safe_other),
+          log_w_self + safe_self,
       ),
   )
-  loss = safe_beta * _soft_target.kl_from_log_probs(
-      log_p_teacher, log_mixture, axis
-  ) + (1 - safe_beta) * _soft_target.kl_from_log_probs(
-      log_p_student, log_mixture, axis
+  gap, _ = _log_ratio.centered_gap(
+      log_self, log_m_over_r, support, axis, log_p_plus_d=log_m
   )
-  # Unlike the KL, equal inputs do not give an exact 0 here: log m only
-  # equals log p up to rounding, so the result can be a few ulps below 0.
-  loss = jnp.where(interior, loss, jnp.zeros((), loss.dtype))
-  return v.apply_where(loss, where)
+  # m(supp r) = w + (1 - w) O(both) = 1 - (1 - w) O(other only).
+  other_out = jnp.exp(_log_ratio.masked_logsumexp(log_other, other_only, axis))
+  log_other_in = _log_ratio.masked_logsumexp(log_other, both, axis)
+  log_mass = jnp.where(
+      other_out < 0.5,
+      jnp.log1p(-weight_other * other_out),
+      jnp.logaddexp(log_w_self, log_w_other + log_other_in),
+  )
+  return gap - log_mass
+
+
+def _generalized_jsd(pair: _log_ratio.LogitPair, beta: Array) -> Array:
+  """``beta KL(p_T || m) + (1 - beta) KL(p_S || m)`` for ``0 < beta < 1``."""
+  g = _log_ratio.log_ratio(pair)  # log(p_S / p_T) on both
+  one_minus = 1 - beta
+  log_beta, log_one_minus = jnp.log(beta), jnp.log1p(-beta)
+  teacher_term = _kl_to_mixture(
+      pair.log_p, pair.log_q, g, pair.both, pair.p_only, pair.q_only,
+      (beta, one_minus, log_beta, log_one_minus), pair.axis,
+  )
+  student_term = _kl_to_mixture(
+      pair.log_q, pair.log_p, -g, pair.both, pair.q_only, pair.p_only,
+      (one_minus, beta, log_one_minus, log_beta), pair.axis,
+  )
+  return beta * teacher_term + (1 - beta) * student_term
 
 
 def total_variation_distance(
@@ -263,15 +339,42 @@ def total_variation_distance(
 
   .. versionadded:: 0.1.0
   """
-  student_logits, teacher_logits, axis, where = _soft_target.prepare_logit_pair(
-      student_logits, teacher_logits, temperature=temperature, axis=axis,
-      where=where,
+  student_logits, teacher_logits, axis, where, valid = (
+      _soft_target.prepare_logit_pair(
+          student_logits, teacher_logits, temperature=temperature, axis=axis,
+          where=where,
+      )
   )
-  p_teacher = jnp.exp(
-      _soft_target.scaled_log_softmax(teacher_logits, temperature, axis)
+  loss = _tvd_core(student_logits, teacher_logits, temperature, axis)
+  return v.nan_unless(valid, v.apply_where(loss, where))
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _tvd_core(
+    student_logits: Array,
+    teacher_logits: Array,
+    temperature: ArrayLike,
+    axis: int,
+) -> Array:
+  pair = _log_ratio.logit_pair(
+      teacher_logits, student_logits, temperature, axis
   )
-  p_student = jnp.exp(
-      _soft_target.scaled_log_softmax(student_logits, temperature, axis)
+  zero = jnp.zeros((), student_logits.dtype)
+  g = _log_ratio.log_ratio(pair)  # log(p_S / p_T) on both
+  p_teacher = jnp.exp(pair.log_p)
+  p_student = jnp.exp(pair.log_q)
+  # |p_T - p_S| = p_T |expm1(g)| from the log-ratio (no cancellation when
+  # the two are close), written on the larger side so nothing overflows.
+  student_larger = g > 0
+  g_pos = jnp.where(student_larger, g, zero)
+  g_neg = jnp.where(student_larger, zero, g)
+  gaps = jnp.where(
+      student_larger,
+      -p_student * jnp.expm1(-g_pos),
+      -p_teacher * jnp.expm1(g_neg),
   )
-  loss = 0.5 * jnp.sum(jnp.abs(p_teacher - p_student), axis=axis)
-  return v.apply_where(loss, where)
+  gaps = jnp.where(pair.both, gaps, zero)
+  gaps = gaps + jnp.where(pair.p_only, p_teacher, zero)
+  gaps = gaps + jnp.where(pair.q_only, p_student, zero)
+  loss = 0.5 * jnp.sum(gaps, axis=axis)
+  return v.nan_where_nan(loss, student_logits, teacher_logits, axis=axis)

@@ -65,8 +65,11 @@ def logit_regression_loss(
   .. versionadded:: 0.1.0
   """
   # Temperature 1 only satisfies the shared checks; it is not used.
-  student_logits, teacher_logits, axis, where = _soft_target.prepare_logit_pair(
-      student_logits, teacher_logits, temperature=1.0, axis=axis, where=where,
+  student_logits, teacher_logits, axis, where, _ = (
+      _soft_target.prepare_logit_pair(
+          student_logits, teacher_logits, temperature=1.0, axis=axis,
+          where=where,
+      )
   )
   loss = jnp.mean(jnp.square(student_logits - teacher_logits), axis=axis)
   return v.apply_where(loss, where)

@@ -19,12 +19,14 @@ so no ``stop_gradient`` is applied here.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd.losses import _log_ratio
 from jaxkd.losses import _soft_target
 from jaxkd.losses import _validation as v
 
@@ -427,6 +429,55 @@ def teacher_confidence_weights(
   return jax.nn.softmax(-entropy, axis=0)
 
 
+def _ensemble_kl(
+    pairs: _log_ratio.LogitPair, weights: Array, axis: int
+) -> Array:
+  r""":math:`\mathrm{KL}(\bar p \,\|\, p^S)` for the probability average.
+
+  ``pairs`` holds the ``K`` (teacher, student) pairs stacked on axis 0, with
+  the class axis at ``axis + 1``; ``weights`` is ``[K, ...]``, normalised.
+  The log-ratio of the ensemble to the student is a weighted log-mean-exp of
+  the per-teacher log-ratios, :math:`\log(\bar p_c / p^S_c) = \log \sum_k
+  w_k \exp(\log(p_{k,c} / p^S_c))`, each of which keeps the precision of its
+  logit difference; the KL is the centred gap of it under :math:`\bar p`
+  (:mod:`_log_ratio`), plus the student's mass outside the ensemble's
+  support, and ``inf`` if a teacher with positive weight supports a class
+  the student rules out.
+  """
+  class_axis = axis + 1
+  dtype = pairs.d.dtype
+  zero = jnp.zeros((), dtype)
+  neg_inf = jnp.full((), -jnp.inf, dtype)
+  positive = weights != 0
+  hole = jnp.any(positive & jnp.any(pairs.p_only, axis=class_axis), axis=0)
+  expanded = jnp.expand_dims(weights, class_axis)
+  used = jnp.expand_dims(positive, class_axis) & pairs.both
+  # log(p_k / p_S) on the classes teacher k and the student both support.
+  log_teacher_over_student = jnp.where(
+      used, -_log_ratio.log_ratio(pairs), neg_inf
+  )
+  weight = jnp.where(used, expanded, zero)
+  log_weight = jnp.where(
+      used, jnp.log(jnp.where(used, expanded, jnp.ones((), dtype))), zero
+  )
+  log_ensemble_over_student = _log_ratio.log_weighted_mean_exp(
+      log_teacher_over_student, weight, log_weight, axis=0
+  )
+  log_ensemble = _log_mixture(pairs.log_p, weights, class_axis)
+  log_student = pairs.log_q[0]
+  inside = _log_ratio.supported(log_ensemble) & _log_ratio.supported(
+      log_student
+  )
+  outside = _log_ratio.supported(log_student) & ~inside
+  # log p_bar + log(p_S / p_bar) = log p_S: the exponent of every term.
+  gap, _ = _log_ratio.centered_gap(
+      log_ensemble, -log_ensemble_over_student, inside, axis,
+      log_p_plus_d=log_student,
+  )
+  loss = gap + _log_ratio.outside_mass(log_student, inside, outside, axis)
+  return jnp.where(hole, jnp.full((), jnp.inf, dtype), loss)
+
+
 def multi_teacher_kd_loss(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -516,7 +567,7 @@ def multi_teacher_kd_loss(
   v.check_min_rank("student_logits", student_logits, 1)
   _check_teacher_matches_student(student_logits, teacher_logits)
   _check_teacher_stack(teacher_logits)
-  v.check_positive("temperature", temperature)
+  valid = v.check_positive("temperature", temperature)
   v.check_choice("reduction", reduction, _REDUCTIONS)
   v.check_choice("mode", mode, _MODES)
   if reduction == "mean" and mode != "probability":
@@ -548,29 +599,63 @@ def multi_teacher_kd_loss(
       dtype=dtype,
       where=where,
   )
-  log_p_student = _soft_target.scaled_log_softmax(
-      student_logits, temperature, axis
+  loss = _multi_teacher_core(
+      student_logits, teacher_logits, weights, temperature, reduction, mode,
+      axis,
   )
-  if reduction == "ensemble":
-    log_p_ensemble = _ensemble_log_probs(
-        teacher_logits, weights, temperature=temperature, mode=mode, axis=axis
+  return v.nan_unless(valid, v.apply_where(loss, where))
+
+
+# The numerical core is jitted (the checks stay outside): an eager call
+# compiles one program per shape instead of dispatching each operation.
+@functools.partial(
+    jax.jit, static_argnames=("reduction", "mode", "axis")
+)
+def _multi_teacher_core(
+    student_logits: Array,
+    teacher_logits: Array,
+    weights: Array,
+    temperature: ArrayLike,
+    reduction: str,
+    mode: str,
+    axis: int,
+) -> Array:
+  """The per-example loss ``T^2 KL`` of checked inputs (no ``where``)."""
+  if reduction == "ensemble" and mode == "logit":
+    mean_logits = _mean_logits(teacher_logits, weights, axis + 1)
+    loss = _soft_target.kl_from_logits(
+        mean_logits, student_logits, temperature, axis
     )
-    loss = _soft_target.kl_from_log_probs(log_p_ensemble, log_p_student, axis)
   else:
-    log_p_teachers = _soft_target.scaled_log_softmax(
-        teacher_logits, temperature, axis + 1
+    # One accurate (teacher k, student) pair per teacher, vectorised over K.
+    pairs = _log_ratio.logit_pair(
+        teacher_logits,
+        jnp.broadcast_to(student_logits, teacher_logits.shape),
+        temperature,
+        axis + 1,
     )
-    per_teacher = _soft_target.kl_from_log_probs(
-        log_p_teachers, log_p_student[None], axis + 1
-    )
-    # A zero weight drops its teacher even where that teacher's KL is
-    # infinite (it supports a class the student rules out): no 0 * inf.
-    positive = weights > 0
-    safe_per_teacher = jnp.where(
-        positive, per_teacher, jnp.zeros((), per_teacher.dtype)
-    )
-    loss = jnp.sum(
-        jnp.where(positive, weights * safe_per_teacher, 0.0), axis=0
-    )
+    if reduction == "ensemble":
+      loss = _ensemble_kl(pairs, weights, axis)
+    else:
+      per_teacher = _log_ratio.forward_kl(pairs)
+      # A zero weight drops its teacher even where that teacher's KL is
+      # infinite (it supports a class the student rules out): no 0 * inf.
+      positive = weights != 0
+      safe_per_teacher = jnp.where(
+          positive, per_teacher, jnp.zeros((), per_teacher.dtype)
+      )
+      loss = jnp.sum(
+          jnp.where(positive, weights * safe_per_teacher, 0.0), axis=0
+      )
+  # nan in any teacher (even one of weight 0) or in the student is never
+  # read as an impossible class: the example's loss is nan.
+  loss = v.nan_where_nan(loss, student_logits, axis=axis)
+  loss = jnp.where(
+      jnp.any(jnp.isnan(teacher_logits), axis=(0, axis + 1)),
+      jnp.full((), jnp.nan, loss.dtype),
+      loss,
+  )
   temperature = jnp.asarray(temperature).astype(loss.dtype)
-  return v.apply_where(temperature**2 * loss, where)
+  loss = v.nan_where_nan(loss, weights, axis=0)
+  return temperature**2 * loss
+

@@ -172,9 +172,9 @@ def perturbed_kd_loss(
   """
   v.check_choice("noise", noise, _NOISE_KINDS)
   num_samples = _check_num_samples(num_samples)
-  v.check_non_negative("noise_scale", noise_scale)
+  scale_valid = v.check_non_negative("noise_scale", noise_scale)
   key = _check_key(key)
-  student_logits, teacher_logits, axis, where = (
+  student_logits, teacher_logits, axis, where, valid = (
       _soft_target.prepare_logit_pair(
           student_logits, teacher_logits, temperature=temperature, axis=axis,
           where=where,
@@ -185,19 +185,20 @@ def perturbed_kd_loss(
   teacher_logits = jnp.moveaxis(teacher_logits, axis, -1)
   dtype = student_logits.dtype
   noise_scale = jnp.asarray(noise_scale).astype(dtype)
-  log_p_student = _soft_target.scaled_log_softmax(
-      student_logits, temperature, -1
-  )
 
   def one_draw(draw_key: Array) -> Array:
     perturbed = _perturb_logits(teacher_logits, draw_key, noise, noise_scale)
-    log_p_teacher = _soft_target.scaled_log_softmax(perturbed, temperature, -1)
-    return _soft_target.kl_from_log_probs(log_p_teacher, log_p_student, -1)
+    # The accurate KL of the logit pair (any temperature, see kd_loss).
+    return _soft_target.kl_from_logits(
+        perturbed, student_logits, temperature, -1
+    )
 
   kl = jax.vmap(one_draw)(jax.random.split(key, num_samples))
   temperature = jnp.asarray(temperature).astype(dtype)
   loss = temperature**2 * jnp.mean(kl, axis=0)
-  return v.apply_where(loss, where)
+  return v.nan_unless(
+      v.all_valid(valid, scale_valid), v.apply_where(loss, where)
+  )
 
 
 def perturb_inputs(

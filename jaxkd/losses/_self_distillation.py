@@ -277,7 +277,7 @@ def teacher_free_kd_loss(
   """
   v.check_floating("student_logits", student_logits)
   v.check_min_rank("student_logits", student_logits, 1)
-  v.check_positive("temperature", temperature)
+  valid = v.check_positive("temperature", temperature)
   _check_correct_probability(correct_probability)
   axis = v.normalize_axis("student_logits", student_logits, axis)
   (logits,) = v.as_compute_dtype(student_logits)
@@ -297,9 +297,8 @@ def teacher_free_kd_loss(
   log_q = _log_targets(labels, num_classes, correct_probability, logits.dtype)
   log_q = jnp.moveaxis(log_q, -1, axis)
   # log q / T is finite except for a = 1, where the wrong classes are -inf
-  # and kl_from_log_probs gives them exactly zero weight.
-  log_p_teacher = _soft_target.scaled_log_softmax(log_q, temperature, axis)
-  log_p_student = _soft_target.scaled_log_softmax(logits, temperature, axis)
-  loss = _soft_target.kl_from_log_probs(log_p_teacher, log_p_student, axis)
+  # and contribute exactly zero; the KL of the logit pair is accurate at
+  # any temperature (see kd_loss).
+  loss = _soft_target.kl_from_logits(log_q, logits, temperature, axis)
   temperature = jnp.asarray(temperature).astype(loss.dtype)
-  return v.apply_where(temperature**2 * loss, where)
+  return v.nan_unless(valid, v.apply_where(temperature**2 * loss, where))

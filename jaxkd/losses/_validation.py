@@ -3,7 +3,9 @@
 Every check runs at trace time on shapes, dtypes and Python-level values, so a
 bad call fails before anything is compiled. Values that are traced (for
 example a temperature produced by a schedule inside ``jax.jit``) cannot be
-inspected and are passed through unchecked.
+inspected at trace time: the value checks then return a traced boolean, and
+the loss passes its result through :func:`nan_unless`, so an invalid traced
+value gives ``nan`` rather than a plausible number.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+Array = jax.Array
 
 
 def _describe(x: Any) -> str:
@@ -52,25 +56,99 @@ def concrete_value(x: Any) -> np.ndarray | None:
     return None
 
 
-def check_positive(name: str, value: Any) -> None:
-  """Raises ``ValueError`` if a concrete ``value`` is not strictly positive."""
+def _value_check(
+    name: str, value: Any, ok: Any, expected: str
+) -> bool | jax.Array:
+  """Raises for a concrete invalid ``value``; else returns its validity.
+
+  ``ok`` maps an array (NumPy for a concrete value, jax for a traced one) to
+  an elementwise boolean. A concrete valid value gives ``True``; a traced
+  one gives a traced scalar boolean for :func:`nan_unless`.
+  """
   concrete = concrete_value(value)
-  if concrete is not None and not np.all(concrete > 0):
-    raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+  if concrete is not None:
+    if not np.issubdtype(concrete.dtype, np.number) or (
+        np.issubdtype(concrete.dtype, np.complexfloating)
+    ):
+      raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    with np.errstate(invalid="ignore"):
+      valid = bool(np.all(ok(concrete)))
+    if not valid:
+      raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+    return True
+  return jnp.all(ok(jnp.asarray(value)))
 
 
-def check_non_negative(name: str, value: Any) -> None:
-  """Raises ``ValueError`` if a concrete ``value`` is negative."""
-  concrete = concrete_value(value)
-  if concrete is not None and not np.all(concrete >= 0):
-    raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+def check_positive(name: str, value: Any) -> bool | jax.Array:
+  """Checks that ``value`` is finite and > 0.
+
+  Raises ``ValueError`` when a concrete ``value`` is not; returns ``True``
+  for a concrete valid value and a traced boolean for a traced one (pass it
+  to :func:`nan_unless`).
+  """
+  return _value_check(
+      name, value, lambda x: (x > 0) & (x < np.inf), "a finite number > 0"
+  )
 
 
-def check_in_unit_interval(name: str, value: Any) -> None:
-  """Raises ``ValueError`` if a concrete ``value`` lies outside ``[0, 1]``."""
-  concrete = concrete_value(value)
-  if concrete is not None and not np.all((concrete >= 0) & (concrete <= 1)):
-    raise ValueError(f"`{name}` must lie in [0, 1], got {value!r}.")
+def check_non_negative(name: str, value: Any) -> bool | jax.Array:
+  """Checks that ``value`` is finite and >= 0 (see :func:`check_positive`)."""
+  return _value_check(
+      name, value, lambda x: (x >= 0) & (x < np.inf), "a finite number >= 0"
+  )
+
+
+def check_in_unit_interval(name: str, value: Any) -> bool | jax.Array:
+  """Checks that ``value`` lies in ``[0, 1]`` (see :func:`check_positive`)."""
+  return _value_check(
+      name, value, lambda x: (x >= 0) & (x <= 1), "in [0, 1]"
+  )
+
+
+def nan_unless(valid: Any, value: Any) -> jax.Array:
+  """``value`` where ``valid`` holds, ``nan`` elsewhere (broadcast).
+
+  The loss-side half of the value checks: ``valid`` is what the checks
+  return (``True`` for concrete values, a traced boolean otherwise), so a
+  traced invalid temperature or weight turns every example of the loss into
+  ``nan`` instead of a plausible number. A Python ``True`` returns ``value``
+  unchanged.
+  """
+  value = jnp.asarray(value)
+  if valid is True:
+    return value
+  return jnp.where(valid, value, jnp.full((), jnp.nan, value.dtype))
+
+
+def all_valid(*checks: Any) -> bool | jax.Array:
+  """The conjunction of check results (``True`` when all are concrete)."""
+  traced = [c for c in checks if c is not True]
+  if not traced:
+    return True
+  result = traced[0]
+  for c in traced[1:]:
+    result = result & c
+  return result
+
+
+def nan_where_nan(loss: Array, *arrays: Any, axis: int | None) -> Array:
+  """``nan`` for every example whose inputs hold a ``nan``.
+
+  Each of ``arrays`` has the per-example shape of ``loss`` plus, when
+  ``axis`` is not ``None``, a class axis at ``axis`` (reduced with ``any``).
+  A final guard: the losses compute through masks that give impossible
+  classes exactly zero weight, and this keeps a ``nan`` input from ever
+  being read as an impossible class (or as an infinite divergence).
+  """
+  flag = None
+  for x in arrays:
+    bad = jnp.isnan(x)
+    if axis is not None:
+      bad = jnp.any(bad, axis=axis)
+    flag = bad if flag is None else flag | bad
+  if flag is None:
+    return loss
+  return jnp.where(flag, jnp.full((), jnp.nan, loss.dtype), loss)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
