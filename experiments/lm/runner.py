@@ -358,9 +358,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
           f"{', '.join(winners)} beat the baseline by more than 2 std."
           if winners else
           "no method beats the baseline by more than 2 std.")
-      + " Other differences are within the seed-to-seed spread at this"
-      " scale (few hundred steps, tiny models) and should not be read as a"
-      " ranking. tokens/s counts training tokens per second of the train"
+      + " The others do not (a negative gain is worse than the baseline);"
+      " at this scale (a few hundred steps, tiny models) a verdict says"
+      " nothing about larger runs. tokens/s counts training tokens per second of the train"
       " steps (GKD includes its sampling, sparse top-k the teacher pass that"
       " fills its cache); the plot shows validation bits per byte against"
       " steps (mean over seeds).",
