@@ -4,6 +4,8 @@ Per-example losses return the input's leading shape and leave the reduction
 to the caller; batch-level losses say so and return a scalar.
 """
 
+from jaxkd.losses._classification import cross_entropy as cross_entropy
+
 from jaxkd.losses._soft_target import distillation_loss as distillation_loss
 from jaxkd.losses._soft_target import kd_loss as kd_loss
 from jaxkd.losses._soft_target import kl_divergence as kl_divergence
@@ -51,3 +53,43 @@ from jaxkd.losses._data_free import dafl_one_hot_loss as dafl_one_hot_loss
 from jaxkd.losses._self_distillation import teacher_free_kd_loss as teacher_free_kd_loss
 from jaxkd.losses._self_distillation import virtual_teacher_log_targets as virtual_teacher_log_targets
 from jaxkd.losses._self_distillation import virtual_teacher_targets as virtual_teacher_targets
+
+__all__ = [
+    "CRDQueue",
+    "attention_transfer_loss",
+    "batchnorm_statistics_loss",
+    "crd_loss",
+    "cross_entropy",
+    "dafl_activation_loss",
+    "dafl_information_entropy_loss",
+    "dafl_one_hot_loss",
+    "discriminator_loss",
+    "distillation_loss",
+    "dkd_loss",
+    "ensemble_log_soft_targets",
+    "ensemble_soft_targets",
+    "generator_loss",
+    "hint_loss",
+    "init_crd_queue",
+    "jensen_shannon_divergence",
+    "kd_loss",
+    "kl_divergence",
+    "log_soft_targets",
+    "logit_regression_loss",
+    "multi_teacher_kd_loss",
+    "nst_loss",
+    "perturb_inputs",
+    "perturbed_kd_loss",
+    "pkt_loss",
+    "reverse_kl_divergence",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "similarity_preserving_loss",
+    "soft_cross_entropy",
+    "soft_targets",
+    "teacher_confidence_weights",
+    "teacher_free_kd_loss",
+    "total_variation_distance",
+    "virtual_teacher_log_targets",
+    "virtual_teacher_targets",
+]
