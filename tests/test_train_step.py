@@ -511,5 +511,5 @@ def test_label_term_refuses_labels_of_the_wrong_shape():
       student=STUDENT, objective=[objective.LabelTerm()],
       optimizer=optax.sgd(0.1))
   bad = {**batch, "label": batch["label"][:, None]}
-  with pytest.raises(ValueError, match="`labels` must be integer"):
+  with pytest.raises(ValueError, match="`labels` must have the per-example shape"):
     spec.init(jax.random.key(0), bad)

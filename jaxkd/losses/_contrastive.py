@@ -60,7 +60,7 @@ def _l2_normalize(x: Array) -> Array:
   gradient: a zero row gets a zero output and a zero gradient.
   """
   squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
-  nonzero = squared_norm > 0
+  nonzero = squared_norm != 0  # nan stays nan
   safe = jnp.where(nonzero, squared_norm, jnp.ones((), x.dtype))
   scale = jnp.where(nonzero, jax.lax.rsqrt(safe), jnp.zeros((), x.dtype))
   return x * scale
@@ -275,7 +275,7 @@ def crd_loss(
     raise TypeError(
         f"`in_batch_negatives` must be a bool, got {in_batch_negatives!r}."
     )
-  v.check_positive("temperature", temperature)
+  valid = v.check_positive("temperature", temperature)
   student, teacher, student_queue, teacher_queue = v.as_compute_dtype(
       student_embed, teacher_embed, student_queue, teacher_queue
   )
@@ -312,6 +312,7 @@ def crd_loss(
     per_anchor = v.apply_where(per_anchor, where)
     count = jnp.maximum(jnp.sum(where), 1).astype(per_anchor.dtype)
     loss = jnp.sum(per_anchor) / count
+  loss = v.nan_unless(valid, loss)
 
   new_queue = CRDQueue(
       student=_enqueue(jnp.asarray(old_student_queue), student),

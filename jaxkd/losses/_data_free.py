@@ -31,7 +31,7 @@ def _safe_l2_norm(x: Array) -> Array:
   backward pass: at an exact match the (sub)gradient is taken as 0.
   """
   squared = jnp.sum(x * x)
-  nonzero = squared > 0
+  nonzero = squared != 0  # nan stays nan
   safe = jnp.where(nonzero, squared, jnp.ones((), x.dtype))
   return jnp.where(nonzero, jnp.sqrt(safe), jnp.zeros((), x.dtype))
 
@@ -271,7 +271,7 @@ def dafl_information_entropy_loss(
   # log p_bar = -inf; logsumexp's gradient there would be exp(-inf + inf) =
   # nan, so such columns go through logsumexp as zeros and are set to -inf
   # after (double where).
-  possible = jnp.any(log_probs > -jnp.inf, axis=0)
+  possible = jnp.any(log_probs != -jnp.inf, axis=0)
   safe_log_probs = jnp.where(
       possible, log_probs, jnp.zeros((), log_probs.dtype)
   )

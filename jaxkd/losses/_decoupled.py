@@ -37,6 +37,9 @@ def _target_indices(
   Targets of rows masked out by ``where`` are replaced by 0, so padded rows
   may carry any label (for example -1).
   """
+  # Read the concrete value first: under jit, jnp.asarray of a constant may
+  # already be a tracer.
+  concrete = v.concrete_value(labels)
   labels = jnp.asarray(labels)
   num_classes = logits.shape[axis]
   per_example_shape = tuple(
@@ -67,7 +70,6 @@ def _target_indices(
         f" got dtype {labels.dtype}. Pass one-hot labels of the logits' shape"
         " or cast the indices to an integer dtype."
     )
-  concrete = v.concrete_value(labels)
   concrete_where = None if where is None else v.concrete_value(where)
   if concrete is not None and (where is None or concrete_where is not None):
     checked = concrete if where is None else concrete[concrete_where]

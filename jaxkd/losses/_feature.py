@@ -39,7 +39,7 @@ def safe_l2_normalize(x: Array, axis: int) -> Array:
   vector, without its ``eps`` floor on small non-zero norms.
   """
   squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  nonzero = squared_norm > 0
+  nonzero = squared_norm != 0  # nan stays nan
   one = jnp.ones((), squared_norm.dtype)
   return x / jnp.sqrt(jnp.where(nonzero, squared_norm, one))
 
@@ -51,7 +51,7 @@ def safe_norm(x: Array, axis: int) -> Array:
   value at an all-zero vector is 0 and its gradient is 0 instead of ``nan``.
   """
   squared_norm = jnp.sum(jnp.square(x), axis=axis)
-  positive = squared_norm > 0
+  positive = squared_norm != 0  # nan stays nan
   one = jnp.ones((), squared_norm.dtype)
   root = jnp.sqrt(jnp.where(positive, squared_norm, one))
   return jnp.where(positive, root, jnp.zeros((), root.dtype))
@@ -291,7 +291,7 @@ def attention_transfer_loss(
   .. versionadded:: 0.1.0
   """
   _check_feature_maps(student_features, teacher_features)
-  v.check_positive("p", p)
+  valid = v.check_positive("p", p)
   student, teacher = v.as_compute_dtype(student_features, teacher_features)
   student, teacher = _match_spatial_sizes(student, teacher)
   where = v.broadcast_where(where, student.shape[:-3])
@@ -299,7 +299,7 @@ def attention_transfer_loss(
   teacher = mask_examples(teacher, where)
   difference = _attention_map(student, p) - _attention_map(teacher, p)
   loss = jnp.mean(jnp.square(difference), axis=-1)
-  return v.apply_where(loss, where)
+  return v.nan_unless(valid, v.apply_where(loss, where))
 
 
 def nst_loss(

@@ -35,6 +35,7 @@ These helpers are private; the public losses call them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -158,7 +159,22 @@ def centered_gap(
   Returns:
     ``(gap, mean)``: the gap and the ``p``-weighted mean of ``d``, both of
     the per-example shape.
+
+  Derivatives are analytic (``custom_jvp``), with ``w`` the renormalised
+  weights, ``e = d - mean`` and ``r = w exp(e - gap)`` (the other
+  distribution restricted to ``mask``): ``d gap / d d = r - w``,
+  ``d gap / d log_p = r - w - w e``, ``d mean / d d = w`` and
+  ``d mean / d log_p = w e``; ``r - w`` is formed as ``w expm1(e - gap)``.
+  ``log_p_plus_d`` is taken to equal ``log_p + d`` (it carries no
+  derivative of its own).
   """
+  if log_p_plus_d is None:
+    log_p_plus_d = log_p + d
+  return _centered_gap(log_p, d, mask, log_p_plus_d, axis)
+
+
+def _centered_gap_parts(log_p, d, mask, log_p_plus_d, axis):
+  """The forward computation; also returns what the derivatives need."""
   dtype = log_p.dtype
   zero = jnp.zeros((), dtype)
   # The weights are renormalised by their sum (not a logsumexp): callers pass
@@ -174,16 +190,53 @@ def centered_gap(
   d = jnp.where(mask, d, zero)
   mean = jnp.sum(w * d, axis=axis, keepdims=True) / total
   e = jnp.where(mask, d - mean, zero)
-  if log_p_plus_d is None:
-    log_w_plus_e = log_w + e
-  else:
-    log_w_plus_e = jnp.where(mask, log_p_plus_d, zero) - norm - mean
+  log_w_plus_e = jnp.where(mask, log_p_plus_d, zero) - norm - mean
   terms = jnp.where(mask, _phi_terms(w, e, log_w_plus_e), zero)
   small_gap = jnp.log1p(jnp.sum(terms, axis=axis, keepdims=True) / total)
   big_gap = masked_logsumexp(log_w_plus_e, mask, axis, keepdims=True)
   gap = jnp.where(big_gap < 1, small_gap, big_gap)
   gap = jnp.where(any_selected, gap, zero)
+  return gap, mean, (w / total, e, log_w_plus_e)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _centered_gap(log_p, d, mask, log_p_plus_d, axis):
+  gap, mean, _ = _centered_gap_parts(log_p, d, mask, log_p_plus_d, axis)
   return jnp.squeeze(gap, axis), jnp.squeeze(mean, axis)
+
+
+@_centered_gap.defjvp
+def _centered_gap_jvp(axis, primals, tangents):
+  log_p, d, mask, log_p_plus_d = primals
+  log_p_dot, d_dot = tangents[0], tangents[1]
+  gap, mean, (w, e, log_w_plus_e) = _centered_gap_parts(
+      log_p, d, mask, log_p_plus_d, axis
+  )
+  dtype = gap.dtype
+  zero = jnp.zeros((), dtype)
+  # r - w = w expm1(e - gap), or exp(log w + e - gap) - w where e - gap is
+  # large (w is then tiny and expm1 would overflow before the product).
+  y = jnp.where(mask, e - gap, zero)
+  moderate = y < _PHI_EXP_FROM
+  r_minus_w = jnp.where(
+      moderate,
+      w * jnp.expm1(jnp.where(moderate, y, zero)),
+      jnp.exp(jnp.where(moderate, zero, log_w_plus_e - gap)) - w,
+  )
+  d_dot = jnp.where(mask, d_dot, zero)
+  log_p_dot = jnp.where(mask, log_p_dot, zero)
+  gap_dot = jnp.sum(
+      jnp.where(mask, r_minus_w * d_dot + (r_minus_w - w * e) * log_p_dot,
+                zero),
+      axis=axis,
+  )
+  mean_dot = jnp.sum(
+      jnp.where(mask, w * d_dot + w * e * log_p_dot, zero), axis=axis
+  )
+  return (
+      (jnp.squeeze(gap, axis), jnp.squeeze(mean, axis)),
+      (gap_dot, mean_dot),
+  )
 
 
 def outside_mass(log_q: Array, inside: Array, outside: Array, axis: int):

@@ -82,10 +82,12 @@ def _normalized_weights(
     per_example_shape: tuple[int, ...],
     dtype: jnp.dtype,
     where: Array | None = None,
-) -> Array:
+) -> tuple[Array, Any]:
   """Checks ``weights`` and returns them as ``[K, *per_example_shape]``.
 
-  The result sums to one over the teacher axis. ``weights`` may be ``None``
+  Returns ``(weights, valid)``: the weights sum to one over the teacher
+  axis, and ``valid`` is the check for :func:`_validation.nan_unless` (a
+  traced negative weight or zero sum makes every example ``nan``). ``weights`` may be ``None``
   (uniform), ``[K]`` (one weight per teacher) or ``[K, ...]`` with ``...``
   broadcastable to ``per_example_shape`` (per-example weights). In rows that
   ``where`` masks out the weights are replaced by ones, so whatever those
@@ -93,7 +95,10 @@ def _normalized_weights(
   """
   full_shape = (num_teachers, *per_example_shape)
   if weights is None:
-    return jnp.full(full_shape, 1.0 / num_teachers, dtype)
+    return jnp.full(full_shape, 1.0 / num_teachers, dtype), True
+  # Read the concrete value first: under jit, jnp operations on a constant
+  # may already give tracers.
+  raw = v.concrete_value(weights)
   weights = jnp.asarray(weights)
   if not (
       jnp.issubdtype(weights.dtype, jnp.floating)
@@ -126,14 +131,23 @@ def _normalized_weights(
     )
   # [K, *rest] -> [K, 1, ..., 1, *rest]: the per-example part is aligned to
   # the right, like NumPy broadcasting, and never mixed with the teacher axis.
-  weights = weights.reshape(
-      (num_teachers,) + (1,) * (len(per_example_shape) - len(rest)) + rest
-  )
+  aligned = (num_teachers,) + (1,) * (
+      len(per_example_shape) - len(rest)
+  ) + rest
+  weights = weights.reshape(aligned)
   weights = jnp.broadcast_to(weights.astype(dtype), full_shape)
   if where is not None:
     weights = jnp.where(where[None], weights, jnp.ones((), dtype))
-  concrete = v.concrete_value(weights)
-  if concrete is not None:
+  concrete = None
+  if raw is not None:
+    concrete = np.broadcast_to(raw.reshape(aligned), full_shape)
+    if where is not None:
+      kept = v.concrete_value(where)
+      concrete = None if kept is None else np.where(kept[None], concrete, 1)
+  valid = True
+  if concrete is None:
+    valid = jnp.all(weights >= 0) & jnp.all(jnp.sum(weights, axis=0) > 0)
+  else:
     if not np.all(concrete >= 0):
       raise ValueError(
           "`weights` must be >= 0 (non-negative teacher weights), got minimum"
@@ -145,7 +159,7 @@ def _normalized_weights(
           " example (they are normalised over K); got a zero sum for"
           f" {int(np.sum(concrete.sum(axis=0) <= 0))} example(s)."
       )
-  return weights / jnp.sum(weights, axis=0, keepdims=True)
+  return weights / jnp.sum(weights, axis=0, keepdims=True), valid
 
 
 def _log_mixture(log_probs: Array, weights: Array, axis: int) -> Array:
@@ -157,7 +171,7 @@ def _log_mixture(log_probs: Array, weights: Array, axis: int) -> Array:
   weights = jnp.expand_dims(weights, axis)
   # log 0 = -inf through the double where: a zero weight removes its teacher
   # from the sum, and the gradient never sees log(0) or 1 / 0.
-  positive = weights > 0
+  positive = weights != 0
   safe_weights = jnp.where(positive, weights, jnp.ones((), weights.dtype))
   log_weights = jnp.where(
       positive, jnp.log(safe_weights), jnp.full((), -jnp.inf, weights.dtype)
@@ -166,7 +180,7 @@ def _log_mixture(log_probs: Array, weights: Array, axis: int) -> Array:
   # A class that no teacher with positive weight supports has log p = -inf.
   # Its logsumexp would be over -inf only, whose gradient is 0 / 0, so it is
   # computed on zeros and replaced afterwards.
-  supported = jnp.any(terms > -jnp.inf, axis=0)
+  supported = jnp.any(terms != -jnp.inf, axis=0)
   safe_terms = jnp.where(supported[None], terms, jnp.zeros((), terms.dtype))
   log_mixture = jax.nn.logsumexp(safe_terms, axis=0)
   return jnp.where(
@@ -177,7 +191,7 @@ def _log_mixture(log_probs: Array, weights: Array, axis: int) -> Array:
 def _mean_logits(logits: Array, weights: Array, axis: int) -> Array:
   """``sum_k w_k z_k`` over axis 0, with ``-inf`` logits kept exact."""
   weights = jnp.expand_dims(weights, axis)
-  finite = logits > -jnp.inf
+  finite = logits != -jnp.inf
   safe_logits = jnp.where(finite, logits, jnp.zeros((), logits.dtype))
   # Only finite logits enter the product, so a zero weight on a -inf logit
   # never forms 0 * inf, and the weights' gradient never sees an infinity.
@@ -276,21 +290,25 @@ def ensemble_log_soft_targets(
   .. versionadded:: 0.1.0
   """
   _check_teacher_stack(teacher_logits)
-  v.check_positive("temperature", temperature)
+  valid = v.check_positive("temperature", temperature)
   v.check_choice("mode", mode, _MODES)
   axis = _per_teacher_axis(teacher_logits, axis)
   (teacher_logits,) = v.as_compute_dtype(teacher_logits)
   per_example_shape = tuple(
       d for i, d in enumerate(teacher_logits.shape[1:]) if i != axis
   )
-  weights = _normalized_weights(
+  weights, weights_valid = _normalized_weights(
       weights,
       num_teachers=teacher_logits.shape[0],
       per_example_shape=per_example_shape,
       dtype=teacher_logits.dtype,
   )
-  return _ensemble_log_probs(
-      teacher_logits, weights, temperature=temperature, mode=mode, axis=axis
+  return v.nan_unless(
+      v.all_valid(valid, weights_valid),
+      _ensemble_log_probs(
+          teacher_logits, weights, temperature=temperature, mode=mode,
+          axis=axis,
+      ),
   )
 
 
@@ -357,7 +375,7 @@ def ensemble_soft_targets(
 
 def _entropy_from_log_probs(log_p: Array, axis: int) -> Array:
   """``-sum_c p_c log p_c`` with ``0 log 0 = 0`` (double ``where``)."""
-  supported = log_p > -jnp.inf
+  supported = log_p != -jnp.inf
   safe_log_p = jnp.where(supported, log_p, jnp.zeros((), log_p.dtype))
   terms = jnp.exp(safe_log_p) * safe_log_p
   return -jnp.sum(
@@ -419,14 +437,14 @@ def teacher_confidence_weights(
   .. versionadded:: 0.1.0
   """
   _check_teacher_stack(teacher_logits)
-  v.check_positive("temperature", temperature)
+  valid = v.check_positive("temperature", temperature)
   axis = _per_teacher_axis(teacher_logits, axis)
   (teacher_logits,) = v.as_compute_dtype(teacher_logits)
   log_probs = _soft_target.scaled_log_softmax(
       teacher_logits, temperature, axis + 1
   )
   entropy = _entropy_from_log_probs(log_probs, axis + 1)
-  return jax.nn.softmax(-entropy, axis=0)
+  return v.nan_unless(valid, jax.nn.softmax(-entropy, axis=0))
 
 
 def _ensemble_kl(
@@ -592,13 +610,14 @@ def multi_teacher_kd_loss(
     zero = jnp.zeros((), dtype)
     student_logits = jnp.where(row_mask, student_logits, zero)
     teacher_logits = jnp.where(row_mask[None], teacher_logits, zero)
-  weights = _normalized_weights(
+  weights, weights_valid = _normalized_weights(
       weights,
       num_teachers=teacher_logits.shape[0],
       per_example_shape=per_example_shape,
       dtype=dtype,
       where=where,
   )
+  valid = v.all_valid(valid, weights_valid)
   loss = _multi_teacher_core(
       student_logits, teacher_logits, weights, temperature, reduction, mode,
       axis,

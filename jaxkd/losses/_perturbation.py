@@ -261,7 +261,7 @@ def perturb_inputs(
         f" {v._describe(inputs)}. Normalise integer images first, e.g."
         " `images.astype(jnp.float32) / 255`."
     )
-  v.check_non_negative("noise_scale", noise_scale)
+  valid = v.check_non_negative("noise_scale", noise_scale)
   key = _check_key(key)
   (x,) = v.as_compute_dtype(inputs)
   scale = jnp.asarray(noise_scale).astype(x.dtype)
@@ -271,4 +271,4 @@ def perturb_inputs(
     noise = jax.random.uniform(
         key, x.shape, x.dtype, minval=-scale, maxval=scale
     )
-  return (x + noise).astype(dtype)
+  return v.nan_unless(valid, x + noise).astype(dtype)

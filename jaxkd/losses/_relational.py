@@ -70,7 +70,7 @@ def _prepare_batch_pair(
 
 def _safe_divide(total: Array, denominator: Array) -> Array:
   """``total / denominator``, and 0 (with zero gradient) where it is 0."""
-  nonzero = denominator > 0
+  nonzero = denominator != 0  # nan stays nan
   one = jnp.ones((), denominator.dtype)
   quotient = total / jnp.where(nonzero, denominator, one)
   return jnp.where(nonzero, quotient, jnp.zeros((), quotient.dtype))
@@ -323,7 +323,7 @@ def _log_affinities(features: Array, pairs: Array, rows: Array) -> Array:
   # at or below -1 (antipodal points, or rounding) is an affinity of exactly
   # 0, i.e. log m = -inf, and the inner `where` keeps log1p away from -1 so
   # the backward pass sees no inf.
-  positive = cosines > -1
+  positive = ~(cosines <= -1)  # nan stays nan
   safe = jnp.where(positive, cosines, jnp.zeros((), cosines.dtype))
   log_affinity = jnp.where(
       positive & pairs, jnp.log1p(safe) - math.log(2.0), -jnp.inf

@@ -33,12 +33,17 @@ def _check_num_classes(num_classes: Any) -> int:
   return int(num_classes)
 
 
-def _check_correct_probability(value: Any) -> None:
+def _check_correct_probability(value: Any) -> Any:
+  """Checks ``0 < value <= 1``; returns the validity for ``nan_unless``."""
   concrete = v.concrete_value(value)
-  if concrete is not None and not np.all((concrete > 0) & (concrete <= 1)):
+  if concrete is None:
+    value = jnp.asarray(value)
+    return jnp.all((value > 0) & (value <= 1))
+  if not np.all((concrete > 0) & (concrete <= 1)):
     raise ValueError(
         f"`correct_probability` must lie in (0, 1], got {value!r}."
     )
+  return True
 
 
 def _check_labels(
@@ -82,6 +87,12 @@ def _is_correct_class(labels: Array, num_classes: int) -> Array:
   return labels[..., None] == classes
 
 
+def _nan_for_bad_labels(x: Array, labels: Array, num_classes: int) -> Array:
+  """``nan`` rows ``[..., C]`` where a (traced) label is outside [0, C)."""
+  valid = (labels >= 0) & (labels < num_classes)
+  return jnp.where(valid[..., None], x, jnp.full((), jnp.nan, x.dtype))
+
+
 def _log_targets(
     labels: Array, num_classes: int, correct_probability: ArrayLike, dtype: Any
 ) -> Array:
@@ -91,7 +102,9 @@ def _log_targets(
   # log((1 - a) / (C - 1)) with log1p for a close to 1; -inf exactly at a = 1.
   log_other = jnp.log1p(-a) - math.log(num_classes - 1)
   is_correct = _is_correct_class(labels, num_classes)
-  return jnp.where(is_correct, log_correct, log_other)
+  return _nan_for_bad_labels(
+      jnp.where(is_correct, log_correct, log_other), labels, num_classes
+  )
 
 
 def _default_dtype(dtype: Any) -> jnp.dtype:
@@ -151,12 +164,15 @@ def virtual_teacher_targets(
   .. versionadded:: 0.1.0
   """
   num_classes = _check_num_classes(num_classes)
-  _check_correct_probability(correct_probability)
+  valid = _check_correct_probability(correct_probability)
   labels = _check_labels(labels, num_classes)
   dtype = _default_dtype(dtype)
   a = jnp.asarray(correct_probability).astype(dtype)
   is_correct = _is_correct_class(labels, num_classes)
-  return jnp.where(is_correct, a, (1 - a) / (num_classes - 1))
+  return v.nan_unless(valid, _nan_for_bad_labels(
+      jnp.where(is_correct, a, (1 - a) / (num_classes - 1)), labels,
+      num_classes,
+  ))
 
 
 def virtual_teacher_log_targets(
@@ -202,10 +218,12 @@ def virtual_teacher_log_targets(
   .. versionadded:: 0.1.0
   """
   num_classes = _check_num_classes(num_classes)
-  _check_correct_probability(correct_probability)
+  valid = _check_correct_probability(correct_probability)
   labels = _check_labels(labels, num_classes)
   dtype = _default_dtype(dtype)
-  return _log_targets(labels, num_classes, correct_probability, dtype)
+  return v.nan_unless(
+      valid, _log_targets(labels, num_classes, correct_probability, dtype)
+  )
 
 
 def teacher_free_kd_loss(
@@ -277,8 +295,10 @@ def teacher_free_kd_loss(
   """
   v.check_floating("student_logits", student_logits)
   v.check_min_rank("student_logits", student_logits, 1)
-  valid = v.check_positive("temperature", temperature)
-  _check_correct_probability(correct_probability)
+  valid = v.all_valid(
+      v.check_positive("temperature", temperature),
+      _check_correct_probability(correct_probability),
+  )
   axis = v.normalize_axis("student_logits", student_logits, axis)
   (logits,) = v.as_compute_dtype(student_logits)
   num_classes = logits.shape[axis]
@@ -294,11 +314,18 @@ def teacher_free_kd_loss(
     logits = jnp.where(
         jnp.expand_dims(where, axis), logits, jnp.zeros((), logits.dtype)
     )
+    # Padded rows may carry any label: never a nan target there.
+    labels = jnp.where(where, labels, jnp.zeros((), labels.dtype))
+  # A traced label outside [0, C) makes its example nan; it is computed on a
+  # valid label so that no nan enters the other examples' gradients.
+  label_valid = (labels >= 0) & (labels < num_classes)
+  labels = jnp.where(label_valid, labels, jnp.zeros((), labels.dtype))
   log_q = _log_targets(labels, num_classes, correct_probability, logits.dtype)
   log_q = jnp.moveaxis(log_q, -1, axis)
   # log q / T is finite except for a = 1, where the wrong classes are -inf
   # and contribute exactly zero; the KL of the logit pair is accurate at
   # any temperature (see kd_loss).
   loss = _soft_target.kl_from_logits(log_q, logits, temperature, axis)
+  loss = jnp.where(label_valid, loss, jnp.full((), jnp.nan, loss.dtype))
   temperature = jnp.asarray(temperature).astype(loss.dtype)
   return v.nan_unless(valid, v.apply_where(temperature**2 * loss, where))

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxkd.losses import _classification
 from jaxkd.losses import _log_ratio
 from jaxkd.losses import _validation as v
 
@@ -80,7 +81,7 @@ def kl_from_log_probs(log_p: Array, log_q: Array, axis: int) -> Array:
   Entries with ``log_p = -inf`` contribute exactly zero to the value and to the
   gradient (the second ``where`` keeps ``0 * inf`` out of the backward pass).
   """
-  supported = log_p > -jnp.inf
+  supported = log_p != -jnp.inf
   safe_log_p = jnp.where(supported, log_p, jnp.zeros((), log_p.dtype))
   terms = jnp.exp(safe_log_p) * (safe_log_p - log_q)
   return jnp.sum(
@@ -92,7 +93,7 @@ def cross_entropy_from_log_probs(
     log_p: Array, log_q: Array, axis: int
 ) -> Array:
   """``-sum_c p_c log q_c`` from log-probabilities, with ``0 log 0 = 0``."""
-  supported = log_p > -jnp.inf
+  supported = log_p != -jnp.inf
   safe_log_p = jnp.where(supported, log_p, jnp.zeros((), log_p.dtype))
   terms = -jnp.exp(safe_log_p) * log_q
   return jnp.sum(
@@ -187,10 +188,10 @@ def log_soft_targets(
   """
   v.check_floating("logits", logits)
   v.check_min_rank("logits", logits, 1)
-  v.check_positive("temperature", temperature)
+  valid = v.check_positive("temperature", temperature)
   axis = v.normalize_axis("logits", logits, axis)
   (logits,) = v.as_compute_dtype(logits)
-  return scaled_log_softmax(logits, temperature, axis)
+  return v.nan_unless(valid, scaled_log_softmax(logits, temperature, axis))
 
 
 def kl_divergence(
@@ -363,60 +364,6 @@ def soft_cross_entropy(
   return v.nan_unless(valid, v.apply_where(loss, where))
 
 
-def _hard_label_cross_entropy(
-    log_probs: Array,
-    labels: ArrayLike,
-    *,
-    label_smoothing: ArrayLike,
-    axis: int,
-) -> Array:
-  """``-sum_c y_c log q_c`` for integer or distribution labels."""
-  num_classes = log_probs.shape[axis]
-  concrete = v.concrete_value(labels)
-  labels = jnp.asarray(labels)
-  if jnp.issubdtype(labels.dtype, jnp.integer):
-    per_example_shape = log_probs.shape[:axis] + log_probs.shape[axis + 1 :]
-    if labels.shape != per_example_shape:
-      raise ValueError(
-          "Integer `labels` must have the per-example shape"
-          f" {per_example_shape} (logits {log_probs.shape} without the class"
-          f" axis {axis}), got {labels.shape}."
-      )
-    if concrete is not None and concrete.size and (
-        concrete.min() < 0 or concrete.max() >= num_classes
-    ):
-      raise ValueError(
-          f"`labels` must lie in [0, {num_classes}), got values in"
-          f" [{concrete.min()}, {concrete.max()}]."
-      )
-    labels = jax.nn.one_hot(
-        labels, num_classes, dtype=log_probs.dtype, axis=axis
-    )
-  elif jnp.issubdtype(labels.dtype, jnp.floating):
-    if labels.shape != log_probs.shape:
-      raise ValueError(
-          "One-hot or soft `labels` must have the shape of the logits"
-          f" {log_probs.shape}, got {labels.shape}."
-      )
-    labels = labels.astype(log_probs.dtype)
-  else:
-    raise TypeError(
-        "`labels` must be integer class indices or floating one-hot/soft"
-        f" labels, got dtype {labels.dtype}."
-    )
-  smoothing = jnp.asarray(label_smoothing).astype(log_probs.dtype)
-  targets = (1 - smoothing) * labels + smoothing / num_classes
-  # 0 * log q is 0 even where q = 0 (a -inf student logit outside the
-  # target's support); the inner where keeps that 0 * -inf out of both passes.
-  supported = targets > 0
-  safe_log_probs = jnp.where(
-      supported, log_probs, jnp.zeros((), log_probs.dtype)
-  )
-  return -jnp.sum(
-      jnp.where(supported, targets * safe_log_probs, 0.0), axis=axis
-  )
-
-
 def distillation_loss(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -452,7 +399,10 @@ def distillation_loss(
     student_logits: Floating logits of shape ``[..., num_classes]``.
     teacher_logits: Floating logits of the same shape.
     labels: Integer class indices of shape ``[...]``, or one-hot/soft labels
-      of the logits' shape.
+      of the logits' shape (see :func:`cross_entropy`, which computes the
+      hard term). Concrete indices outside ``[0, num_classes)`` raise
+      ``ValueError``; traced ones give ``nan`` for their example. Labels of
+      rows masked out by ``where`` are ignored.
     temperature: Softmax temperature :math:`T > 0` of the soft term.
     alpha: Weight :math:`\alpha \in [0, 1]` of the soft term.
     label_smoothing: :math:`\epsilon \in [0, 1]` applied to the labels.
@@ -482,21 +432,22 @@ def distillation_loss(
   .. versionadded:: 0.1.0
   """
   alpha_valid = v.check_in_unit_interval("alpha", alpha)
-  v.check_in_unit_interval("label_smoothing", label_smoothing)
+  smoothing_valid = v.check_in_unit_interval(
+      "label_smoothing", label_smoothing
+  )
   student_logits, teacher_logits, axis, where, valid = prepare_logit_pair(
       student_logits, teacher_logits, temperature=temperature, axis=axis,
       where=where,
   )
-  hard = _hard_label_cross_entropy(
-      jax.nn.log_softmax(student_logits, axis=axis),
-      labels,
-      label_smoothing=label_smoothing,
-      axis=axis,
+  hard = _classification.cross_entropy_loss(
+      student_logits, labels, label_smoothing=label_smoothing, axis=axis,
+      where=where,
   )
   soft = kl_from_logits(teacher_logits, student_logits, temperature, axis)
   alpha = jnp.asarray(alpha).astype(soft.dtype)
   temperature = jnp.asarray(temperature).astype(soft.dtype)
   loss = (1 - alpha) * hard + alpha * temperature**2 * soft
   return v.nan_unless(
-      v.all_valid(valid, alpha_valid), v.apply_where(loss, where)
+      v.all_valid(valid, alpha_valid, smoothing_valid),
+      v.apply_where(loss, where),
   )
