@@ -15,7 +15,11 @@ from jaxkd.losses._soft_target import soft_targets as soft_targets
 
 from jaxkd.losses._divergences import jensen_shannon_divergence as jensen_shannon_divergence
 from jaxkd.losses._divergences import reverse_kl_divergence as reverse_kl_divergence
+from jaxkd.losses._divergences import skew_kl_divergence as skew_kl_divergence
+from jaxkd.losses._divergences import skew_reverse_kl_divergence as skew_reverse_kl_divergence
 from jaxkd.losses._divergences import total_variation_distance as total_variation_distance
+
+from jaxkd.losses._sparse import sparse_kl_divergence as sparse_kl_divergence
 
 from jaxkd.losses._logit import logit_regression_loss as logit_regression_loss
 
@@ -90,8 +94,11 @@ __all__ = [
     "rkd_angle_loss",
     "rkd_distance_loss",
     "similarity_preserving_loss",
+    "skew_kl_divergence",
+    "skew_reverse_kl_divergence",
     "soft_cross_entropy",
     "soft_targets",
+    "sparse_kl_divergence",
     "teacher_confidence_weights",
     "teacher_free_kd_loss",
     "total_variation_distance",

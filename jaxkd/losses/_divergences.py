@@ -100,6 +100,7 @@ def jensen_shannon_divergence(
     *,
     beta: ArrayLike = 0.5,
     temperature: ArrayLike = 1.0,
+    normalize: bool = False,
     axis: int = -1,
     where: ArrayLike | None = None,
 ) -> Array:
@@ -117,41 +118,64 @@ def jensen_shannon_divergence(
   student. ``beta = 0.5`` gives the usual symmetric Jensen-Shannon
   divergence, bounded by :math:`\log 2`; in general
   :math:`0 \le \mathrm{JSD}_\beta \le -\beta \log \beta
-  - (1 - \beta) \log (1 - \beta)`.
+  - (1 - \beta) \log (1 - \beta)`. :math:`\log m` is a ``logaddexp`` of the
+  weighted log-probabilities (never the log of a probability mixture), and
+  the divergence is computed from the logit difference, so it is accurate in
+  float32 at any temperature.
 
-  At ``beta`` exactly 0 or 1 the divergence is exactly 0 (the mixture equals
-  one of the two distributions, whose own KL term is 0, and the other term
-  has weight 0), with zero gradient. Near the endpoints it is a scaled
-  forward or reverse KL:
+  Near the endpoints it is a scaled forward or reverse KL:
 
   .. math::
-    \lim_{\beta \to 0} \mathrm{JSD}_\beta / \beta
+    \lim_{\beta \to 0} \frac{\mathrm{JSD}_\beta}{\beta (1 - \beta)}
     = \mathrm{KL}(p^T \,\|\, p^S), \qquad
-    \lim_{\beta \to 1} \mathrm{JSD}_\beta / (1 - \beta)
+    \lim_{\beta \to 1} \frac{\mathrm{JSD}_\beta}{\beta (1 - \beta)}
     = \mathrm{KL}(p^S \,\|\, p^T).
 
-  So ``beta`` near 0 or 1 chooses the direction of the KL and also shrinks
-  the loss by the factor ``beta`` or ``1 - beta``. Some implementations
-  return the pure KLs at the endpoints instead; to train with those, call
-  :func:`kl_divergence` or :func:`reverse_kl_divergence`. No :math:`T^2`
-  factor is applied.
+  With ``normalize=False`` (the default) the value is :math:`\mathrm{JSD}_\beta`
+  itself, exactly 0 (with zero gradient) at ``beta`` 0 and 1, where the
+  mixture equals one of the two distributions. With ``normalize=True`` it is
+  :math:`\mathrm{JSD}_\beta / (\beta (1 - \beta))`, continuous on
+  :math:`[0, 1]`: the forward KL at ``beta = 0`` and the reverse KL at
+  ``beta = 1`` (returned exactly there), as TRL's and Liger's endpoint
+  special cases do, but without their jump. No :math:`T^2` factor is
+  applied.
+
+  Other conventions and how to convert them to ``beta`` here:
+
+  ======================================  ==============================
+  Library (argument)                      ``beta`` here
+  ======================================  ==============================
+  TRL ``GKDTrainer`` / ``beta`` (since    ``beta`` (teacher weight; the
+  PR #3043, 2025)                         endpoints 0 / 1 are the forward
+                                          / reverse KL: ``normalize=True``
+                                          matches them there)
+  Liger ``LigerJSD(beta)``,               ``beta`` (``log_p``, the target,
+  ``LigerFusedLinearJSDLoss(jsd_beta)``   is the teacher)
+  distillm ``js_distance(lam)``           ``1 - lam`` (``lam`` weights the
+                                          student)
+  ======================================  ==============================
+
+  Earlier TRL releases formed the mixture with ``beta`` on the student; check
+  the version before converting.
 
   Args:
-    student_logits: Floating logits of shape ``[..., num_classes]``.
+    student_logits: Floating logits of shape ``[..., num_classes]`` (for a
+      language model ``[..., vocab]``, one distribution per token).
     teacher_logits: Floating logits of the same shape.
     beta: Scalar weight :math:`\beta \in [0, 1]` of the teacher. Checked when
       it is known at trace time; a traced value outside ``[0, 1]`` gives
       ``nan``.
     temperature: Softmax temperature :math:`T > 0` applied to both.
+    normalize: Divide by :math:`\beta (1 - \beta)` (a Python bool).
     axis: The class axis.
     where: Optional boolean mask broadcastable to the per-example shape
-      ``[...]``; masked-out examples give 0 and no gradient.
+      ``[...]`` (a token mask); masked-out examples give 0 and no gradient.
 
   Returns:
     The per-example divergence, shape ``[...]`` (the input shape without
-    ``axis``); float32 for bfloat16 and float16 inputs. It is finite
-    whenever each row holds at least one finite logit, ``-inf`` ones
-    included.
+    ``axis``); float32 for bfloat16 and float16 inputs. With
+    ``normalize=False`` it is finite whenever each row holds at least one
+    finite logit, ``-inf`` ones included.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -163,6 +187,11 @@ def jensen_shannon_divergence(
     >>> jsd = losses.jensen_shannon_divergence(student, teacher, beta=0.1)
     >>> print(jsd.round(4))
     [0.3251 0.0299]
+    >>> forward = losses.jensen_shannon_divergence(
+    ...     student[1:], teacher[1:], beta=0.0, normalize=True)
+    >>> kl = losses.kl_divergence(student[1:], teacher[1:])
+    >>> print(forward.round(4), kl.round(4))
+    [0.3278] [0.3278]
 
   References:
     Agarwal, Vieillard, Zhou, Stanczyk, Ramos Garea, Geist and Bachem,
@@ -172,10 +201,13 @@ def jensen_shannon_divergence(
     Lin, `Divergence Measures Based on the Shannon Entropy
     <https://doi.org/10.1109/18.61115>`_, 1991.
 
-  .. seealso:: :func:`kl_divergence`, :func:`reverse_kl_divergence`.
+  .. seealso:: :func:`kl_divergence`, :func:`reverse_kl_divergence`,
+    :func:`skew_kl_divergence`.
 
   .. versionadded:: 0.1.0
   """
+  if not isinstance(normalize, bool):
+    raise TypeError(f"`normalize` must be a bool, got {normalize!r}.")
   beta_valid = v.check_in_unit_interval("beta", beta)
   student_logits, teacher_logits, axis, where, valid = (
       _soft_target.prepare_logit_pair(
@@ -183,7 +215,9 @@ def jensen_shannon_divergence(
           where=where,
       )
   )
-  loss = _jsd_core(student_logits, teacher_logits, beta, temperature, axis)
+  loss = _jsd_core(
+      student_logits, teacher_logits, beta, temperature, normalize, axis
+  )
   return v.nan_unless(
       v.all_valid(valid, beta_valid), v.apply_where(loss, where)
   )
@@ -191,12 +225,13 @@ def jensen_shannon_divergence(
 
 # The numerical cores are jitted (the checks stay outside): an eager call
 # compiles one program per shape instead of dispatching each operation.
-@functools.partial(jax.jit, static_argnames=("axis",))
+@functools.partial(jax.jit, static_argnames=("normalize", "axis"))
 def _jsd_core(
     student_logits: Array,
     teacher_logits: Array,
     beta: ArrayLike,
     temperature: ArrayLike,
+    normalize: bool,
     axis: int,
 ) -> Array:
   dtype = student_logits.dtype
@@ -206,11 +241,18 @@ def _jsd_core(
   )
   # At beta = 0 or 1 one of log(beta), log(1 - beta) is -inf and its KL term
   # is 0 * (possibly inf): compute with a harmless beta there and return the
-  # exact limit 0 instead (double where: no nan in either pass).
+  # exact limit instead (double where: no nan in either pass).
   interior = (beta > 0) & (beta < 1)
   safe_beta = jnp.where(interior, beta, jnp.full((), 0.5, dtype))
   loss = _generalized_jsd(pair, safe_beta)
-  loss = jnp.where(interior, loss, jnp.zeros((), loss.dtype))
+  if normalize:
+    loss = loss / (safe_beta * (1 - safe_beta))
+    forward = _log_ratio.forward_kl(pair)
+    reverse = _log_ratio.reverse_kl(pair)
+    endpoint = jnp.where(beta == 0, forward, reverse)
+  else:
+    endpoint = jnp.zeros((), dtype)
+  loss = jnp.where(interior, loss, endpoint)
   return v.nan_where_nan(loss, student_logits, teacher_logits, axis=axis)
 
 
@@ -377,4 +419,189 @@ def _tvd_core(
   gaps = gaps + jnp.where(pair.p_only, p_teacher, zero)
   gaps = gaps + jnp.where(pair.q_only, p_student, zero)
   loss = 0.5 * jnp.sum(gaps, axis=axis)
+  return v.nan_where_nan(loss, student_logits, teacher_logits, axis=axis)
+
+
+def _check_skew(alpha: ArrayLike) -> Any:
+  return v.check_in_unit_interval("alpha", alpha)
+
+
+def skew_kl_divergence(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    alpha: ArrayLike = 0.1,
+    temperature: ArrayLike = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> Array:
+  r"""Skew KL divergence of DistiLLM: the teacher against a teacher-student mix.
+
+  .. math::
+    \mathrm{SKL}_\alpha = \mathrm{KL}\big(p^T \,\big\|\,
+    \alpha\, p^T + (1 - \alpha)\, p^S\big),
+    \quad p = \mathrm{softmax}(z / T)
+
+  ``alpha = 0`` is the forward KL :math:`\mathrm{KL}(p^T \| p^S)` of
+  :func:`kl_divergence` (returned exactly), ``alpha = 1`` is 0. Mixing in
+  the teacher bounds the divergence by :math:`-\log \alpha` and keeps its
+  gradient finite where the student gives a class almost no mass, which
+  stabilises early training of language-model students. The log of the
+  mixture is a ``logaddexp`` of the weighted log-probabilities, and the
+  divergence is computed from the logit difference (accurate in float32 at
+  any temperature).
+
+  This is the true KL. distillm's ``skewed_forward_kl`` returns the
+  cross-entropy :math:`-\sum_c p^T_c \log m_c`, that is this value plus the
+  teacher's entropy :math:`H(p^T)` (a constant for a frozen teacher, so the
+  same gradient); its ``lam`` is ``alpha`` here. No :math:`T^2` factor is
+  applied.
+
+  Args:
+    student_logits: Floating logits of shape ``[..., num_classes]`` (for a
+      language model ``[..., vocab]``, one distribution per token).
+    teacher_logits: Floating logits of the same shape.
+    alpha: Weight :math:`\alpha \in [0, 1]` of the teacher in the mixture
+      (DistiLLM uses 0.1). A traced value outside ``[0, 1]`` gives ``nan``.
+    temperature: Softmax temperature :math:`T > 0` applied to both.
+    axis: The class axis.
+    where: Optional boolean mask broadcastable to the per-example shape
+      ``[...]`` (a token mask); masked-out examples give 0 and no gradient.
+
+  Returns:
+    The per-example divergence, shape ``[...]``; float32 for bfloat16 and
+    float16 inputs. Finite for ``alpha > 0`` whenever each row holds a finite
+    logit.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxkd import losses
+    >>> student = jnp.array([[0.0, -jnp.inf], [0.0, 0.0]])
+    >>> teacher = jnp.array([[-jnp.inf, 0.0], [0.0, 2.0]])
+    >>> print(losses.skew_kl_divergence(student, teacher).round(4))
+    [2.3026 0.2726]
+
+  References:
+    Ko, Kim, Chen and Yun, `DistiLLM: Towards Streamlined Distillation for
+    Large Language Models <https://arxiv.org/abs/2402.03898>`_, 2024.
+
+  .. seealso:: :func:`skew_reverse_kl_divergence`, :func:`kl_divergence`.
+
+  .. versionadded:: 0.1.0
+  """
+  return _skew(
+      student_logits, teacher_logits, alpha=alpha, temperature=temperature,
+      axis=axis, where=where, reverse=False,
+  )
+
+
+def skew_reverse_kl_divergence(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    alpha: ArrayLike = 0.1,
+    temperature: ArrayLike = 1.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+) -> Array:
+  r"""Skew reverse KL of DistiLLM: the student against a student-teacher mix.
+
+  .. math::
+    \mathrm{SRKL}_\alpha = \mathrm{KL}\big(p^S \,\big\|\,
+    \alpha\, p^S + (1 - \alpha)\, p^T\big),
+    \quad p = \mathrm{softmax}(z / T)
+
+  ``alpha = 0`` is the reverse KL :math:`\mathrm{KL}(p^S \| p^T)` of
+  :func:`reverse_kl_divergence` (returned exactly), ``alpha = 1`` is 0; the
+  divergence is at most :math:`-\log \alpha`. It equals distillm's
+  ``skewed_reverse_kl`` (which, unlike its forward counterpart, is a true KL)
+  with ``lam = alpha``. Computed like :func:`skew_kl_divergence`; no
+  :math:`T^2` factor is applied.
+
+  Args:
+    student_logits: Floating logits of shape ``[..., num_classes]``.
+    teacher_logits: Floating logits of the same shape.
+    alpha: Weight :math:`\alpha \in [0, 1]` of the student in the mixture.
+      A traced value outside ``[0, 1]`` gives ``nan``.
+    temperature: Softmax temperature :math:`T > 0` applied to both.
+    axis: The class axis.
+    where: Optional boolean mask broadcastable to the per-example shape
+      ``[...]``; masked-out examples give 0 and no gradient.
+
+  Returns:
+    The per-example divergence, shape ``[...]``; float32 for bfloat16 and
+    float16 inputs.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxkd import losses
+    >>> student = jnp.array([[0.0, -jnp.inf], [0.0, 0.0]])
+    >>> teacher = jnp.array([[-jnp.inf, 0.0], [0.0, 2.0]])
+    >>> print(losses.skew_reverse_kl_divergence(student, teacher).round(4))
+    [2.3026 0.3173]
+
+  References:
+    Ko, Kim, Chen and Yun, `DistiLLM: Towards Streamlined Distillation for
+    Large Language Models <https://arxiv.org/abs/2402.03898>`_, 2024.
+
+  .. seealso:: :func:`skew_kl_divergence`, :func:`reverse_kl_divergence`.
+
+  .. versionadded:: 0.1.0
+  """
+  return _skew(
+      student_logits, teacher_logits, alpha=alpha, temperature=temperature,
+      axis=axis, where=where, reverse=True,
+  )
+
+
+def _skew(student_logits, teacher_logits, *, alpha, temperature, axis, where,
+          reverse):
+  alpha_valid = _check_skew(alpha)
+  student_logits, teacher_logits, axis, where, valid = (
+      _soft_target.prepare_logit_pair(
+          student_logits, teacher_logits, temperature=temperature, axis=axis,
+          where=where,
+      )
+  )
+  loss = _skew_core(
+      student_logits, teacher_logits, alpha, temperature, reverse, axis
+  )
+  return v.nan_unless(
+      v.all_valid(valid, alpha_valid), v.apply_where(loss, where)
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("reverse", "axis"))
+def _skew_core(
+    student_logits: Array,
+    teacher_logits: Array,
+    alpha: ArrayLike,
+    temperature: ArrayLike,
+    reverse: bool,
+    axis: int,
+) -> Array:
+  dtype = student_logits.dtype
+  alpha = jnp.asarray(alpha).astype(dtype)
+  pair = _log_ratio.logit_pair(
+      teacher_logits, student_logits, temperature, axis
+  )
+  interior = (alpha > 0) & (alpha < 1)
+  safe = jnp.where(interior, alpha, jnp.full((), 0.5, dtype))
+  weights = (safe, 1 - safe, jnp.log(safe), jnp.log1p(-safe))
+  g = _log_ratio.log_ratio(pair)  # log(p_S / p_T) on both
+  if reverse:
+    skew = _kl_to_mixture(
+        pair.log_q, pair.log_p, -g, pair.both, pair.q_only, pair.p_only,
+        weights, axis,
+    )
+    plain = _log_ratio.reverse_kl(pair)
+  else:
+    skew = _kl_to_mixture(
+        pair.log_p, pair.log_q, g, pair.both, pair.p_only, pair.q_only,
+        weights, axis,
+    )
+    plain = _log_ratio.forward_kl(pair)
+  loss = jnp.where(
+      interior, skew, jnp.where(alpha == 0, plain, jnp.zeros((), dtype))
+  )
   return v.nan_where_nan(loss, student_logits, teacher_logits, axis=axis)

@@ -535,6 +535,13 @@ def multi_teacher_kd_loss(
   This holds for per-example weights too. ``"ensemble"`` is zero when the
   student matches the ensemble; ``"mean"`` is not.
 
+  Both reductions are computed from each teacher's logit difference to the
+  student (the ensemble through a weighted log-mean-exp of the per-teacher
+  log-ratios), so they stay float32-accurate at temperatures up to
+  :math:`10^4`. ``nan`` in any teacher (even one of weight 0) gives ``nan``
+  for that example; a traced invalid ``temperature`` or ``weights`` gives
+  ``nan`` everywhere.
+
   Args:
     student_logits: Floating logits of shape ``[..., num_classes]``.
     teacher_logits: Floating logits of shape ``[K, ..., num_classes]``: ``K``
