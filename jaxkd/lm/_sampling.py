@@ -22,19 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd.lm import _checks
+
 __all__ = ["sample", "top_k_filter", "top_p_filter"]
 
 Array = jax.Array
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-  """``x`` as a NumPy array when known at trace time, else ``None``."""
-  if isinstance(x, jax.core.Tracer):
-    return None
-  try:
-    return np.asarray(x)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return None
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> int:
@@ -82,7 +74,7 @@ def top_k_filter(logits: Array, top_k: int) -> Array:
 
 
 def _check_top_p(top_p: Any) -> None:
-  concrete = _concrete(top_p)
+  concrete = _checks.concrete(top_p)
   if concrete is not None and not (concrete.ndim == 0 and 0 < concrete <= 1):
     raise ValueError(f"`top_p` must be a scalar in (0, 1], got {top_p!r}.")
 
@@ -144,7 +136,7 @@ def _prompt_lengths(prompt_tokens: Array, prompt_lengths: Any) -> Array:
           "A boolean prompt mask must have the prompt's shape"
           f" {(batch, prompt_len)}, got {tuple(lengths.shape)}."
       )
-    concrete = _concrete(prompt_lengths)
+    concrete = _checks.concrete(prompt_lengths)
     if concrete is not None and np.any(concrete[:, 1:] & ~concrete[:, :-1]):
       raise ValueError(
           "The prompt mask must be a prefix mask (right-padded prompts:"
@@ -160,7 +152,7 @@ def _prompt_lengths(prompt_tokens: Array, prompt_lengths: Any) -> Array:
         f" and dtype {lengths.dtype} for prompts of shape"
         f" {(batch, prompt_len)}."
     )
-  concrete = _concrete(prompt_lengths)
+  concrete = _checks.concrete(prompt_lengths)
   if concrete is not None and (
       np.any(concrete < 1) or np.any(concrete > prompt_len)
   ):
@@ -245,7 +237,7 @@ def sample(
     _check_int("top_k", top_k, minimum=1)
   if top_p is not None:
     _check_top_p(top_p)
-  concrete_temperature = _concrete(temperature)
+  concrete_temperature = _checks.concrete(temperature)
   if concrete_temperature is not None and not (
       concrete_temperature.ndim == 0 and concrete_temperature >= 0
   ):
