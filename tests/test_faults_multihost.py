@@ -50,13 +50,41 @@ with distributed.watch_peers():
 """
 
 
+def setup():
+  """(spec, state): the student of tests/test_sharding.py, one teacher.
+
+  Smaller than that file's setup (one teacher, no feature term): the step
+  compiles in each of six processes.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jaxkd import objective, teachers, train_step  # pylint: disable=g-import-not-at-top
+  from tests import test_sharding as ts  # pylint: disable=g-import-not-at-top
+
+  batch = ts.host_batches(1, batch=BATCH)[0]
+  params, stats = ts.numpy_fill(
+      jax.eval_shape(ts.TEACHER.init, jax.random.key(0), batch["image"]), 10)
+  group, stacked = teachers.TeacherGroup.create(ts.TEACHER, [params], [stats])
+  spec = train_step.Distillation(
+      student=ts.STUDENT, teachers=[group],
+      objective=[objective.LabelTerm(weight=0.5),
+                 objective.LogitTerm(weight=0.5, temperature=2.0)],
+      optimizer=optax.sgd(0.1, momentum=0.9))
+  abstract = jax.eval_shape(
+      lambda v: spec.initial_state(jax.random.key(0), batch, (v,), None),
+      stacked)
+  state = jax.tree.map(jnp.asarray, ts.numpy_fill(abstract, seed=0))
+  return spec, state.replace(teachers=(stacked,))
+
+
 def train(checkpoint_dir: str, out: str) -> None:
   """One process's run: resume if a checkpoint exists, train to TOTAL."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxkd import checkpoint, sharding, train_step  # pylint: disable=g-import-not-at-top
   from tests import test_sharding  # pylint: disable=g-import-not-at-top
 
-  spec, state, _ = test_sharding.setup()
+  spec, state = setup()
   batches = test_sharding.host_batches(TOTAL, batch=BATCH, seed=1)
   mesh = sharding.make_mesh()
   state = sharding.shard_state(state, mesh)
@@ -116,11 +144,18 @@ def finish(procs, timeout=240):
   return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
-def run_to_the_end(checkpoint_dir, out):
-  results = finish(start(checkpoint_dir, out, _free_port()))
+def run_to_the_end(*runs):
+  """Runs ``(checkpoint_dir, out)`` pairs of processes at once, to the end."""
+  procs = []
+  try:
+    for checkpoint_dir, out in runs:
+      procs += start(checkpoint_dir, out, _free_port())
+    results = finish(procs)
+  finally:
+    reap(procs)
   for code, stdout, stderr in results:
     assert code == 0, f"stdout:\n{stdout}\nstderr:\n{stderr[-3000:]}"
-  return results
+  return [results[i:i + 2] for i in range(0, len(results), 2)]
 
 
 def wait_for_line(proc, text, timeout):
@@ -164,13 +199,14 @@ def test_killed_peer_ends_the_survivor_and_a_restart_resumes(tmp_path):
   saved = sorted(int(p.name) for p in killed_dir.iterdir() if p.name.isdigit())
   assert saved and saved[-1] >= EVERY, saved
 
-  resumed = run_to_the_end(killed_dir, tmp_path / "resumed.npz")
+  # The restart, and an uninterrupted run as the reference, side by side.
+  resumed, _ = run_to_the_end((killed_dir, tmp_path / "resumed.npz"),
+                              (tmp_path / "straight", tmp_path / "straight.npz"))
   starts = {line for _, stdout, _ in resumed for line in stdout.splitlines()
             if line.startswith("RESUMED")}
   assert len(starts) == 1, starts  # both processes resumed at the same step
   assert int(starts.pop().split()[1]) in saved
 
-  run_to_the_end(tmp_path / "straight", tmp_path / "straight.npz")
   got = np.load(tmp_path / "resumed.npz")
   want = np.load(tmp_path / "straight.npz")
   assert sorted(got) == sorted(want) and len(want) > 0
