@@ -308,10 +308,12 @@ def watch_peers(
   to ``stream`` and ends the process with ``exit_code`` (``os._exit``: no
   traceback, no ``atexit`` handlers, no wait for a pending background
   checkpoint write, which Orbax never commits half-written). An exception
-  raised inside the context by the failed collective (``JaxRuntimeError``)
-  is held for up to ``peer_timeout + 2 * interval`` seconds so that the
+  raised inside the context (such as the failed collective's
+  ``JaxRuntimeError``, or ``ValueError`` where its result was converted) is
+  held for up to ``peer_timeout + 2 * interval`` seconds so that the
   watchdog can name the lost process; if none is lost by then it
-  propagates. In a single-process run the context does nothing.
+  propagates. ``KeyboardInterrupt`` and ``SystemExit`` are not held. In a
+  single-process run the context does nothing.
 
   Enter it in every process right after :func:`initialize` (or
   ``jax.distributed.initialize``, in which case the heartbeat starts here,
@@ -357,9 +359,11 @@ def watch_peers(
   thread.start()
   try:
     yield
-  except jax.errors.JaxRuntimeError:
-    # A collective that failed because its peer died: the watchdog ends the
-    # process (naming the peer) within the bound; any other error goes on.
+  except Exception:
+    # Perhaps a collective that failed because its peer died (a
+    # JaxRuntimeError, or a ValueError where an array was converted): the
+    # watchdog ends the process, naming the peer, within the bound. If every
+    # peer still beats by then, the error goes on.
     deadline = time.monotonic() + timeout + 2 * beat.interval
     while time.monotonic() < deadline and thread.is_alive():
       thread.join(beat.interval)

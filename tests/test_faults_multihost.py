@@ -50,6 +50,28 @@ with distributed.watch_peers():
 """
 
 
+_COLLECTIVES = """
+import sys, time
+import jax
+jax.config.update("jax_num_cpu_devices", 1)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from jaxkd import distributed
+process_id, port = int(sys.argv[1]), sys.argv[2]
+distributed.initialize(f"127.0.0.1:{port}", 2, process_id,
+                       peer_timeout=float(sys.argv[3]))
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((2,), ("d",))
+total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))
+with distributed.watch_peers():
+  for i in range(10**6):
+    x = jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P("d")), np.ones(1, np.float32))
+    assert float(total(x).addressable_data(0)) == 2.0
+    print(f"STEP {i + 1}", flush=True)
+"""
+
+
 def setup():
   """(spec, state): the student of tests/test_sharding.py, one teacher.
 
@@ -115,13 +137,13 @@ def _free_port() -> int:
   return test_sharding._free_port()  # pylint: disable=protected-access
 
 
-def start(checkpoint_dir, out, port):
+def start(checkpoint_dir, out, port, script=_WORKER):
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
   for name in ("JAX_COORDINATOR_ADDRESS", "XLA_FLAGS"):
     env.pop(name, None)
   return [
       subprocess.Popen(
-          [sys.executable, "-c", _WORKER, str(i), str(port), str(PEER_TIMEOUT),
+          [sys.executable, "-c", script, str(i), str(port), str(PEER_TIMEOUT),
            str(checkpoint_dir), str(out)],
           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
           text=True, start_new_session=True)
@@ -213,3 +235,34 @@ def test_killed_peer_ends_the_survivor_and_a_restart_resumes(tmp_path):
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   print(json.dumps({"exit_after_kill_s": round(took, 2)}))
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_peer_killed_in_a_tight_collective_loop(victim):
+  """Processes that do nothing but all-reduce: the kill lands mid-collective.
+
+  Killing process 1 gives the survivor the one-line exit. Killing process 0,
+  which hosts JAX's coordination service, makes JAX's client abort the
+  survivor at once (SIGABRT and JAX's own message): bounded, not one line.
+  """
+  procs = start("-", "-", _free_port(), script=_COLLECTIVES)
+  try:
+    wait_for_line(procs[victim], "STEP 50", timeout=120)
+    os.killpg(procs[victim].pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    survivor = procs[1 - victim]
+    _, err = survivor.communicate(timeout=BOUND + 30)
+    took = time.monotonic() - killed_at
+  finally:
+    reap(procs)
+  assert took < BOUND, (took, err)
+  print(json.dumps({"victim": victim, "exit_after_kill_s": round(took, 2)}))
+  if victim == 1:
+    assert survivor.returncode == distributed.PEER_LOST_EXIT_CODE, err
+    lines = err.strip().splitlines()
+    assert len(lines) <= 3, err
+    assert lines[-1].startswith("jaxkd: process 0 lost process 1 of 2 ("), err
+  else:
+    assert survivor.returncode == -signal.SIGABRT, err
+    assert "Terminating process because the JAX distributed service" in err
