@@ -15,8 +15,9 @@ nothing heavier; no import changes the environment):
   :func:`summarize`;
 * ``methods``: distillation methods built on the engine (adversarial,
   mutual, data-free);
-* ``sharding``, ``checkpoint``, ``data``, ``sweep``, ``folding``,
-  ``adaptors``, ``cpu``.
+* ``sharding``, ``distributed`` (multi-process runs whose survivors exit
+  cleanly when a peer dies), ``checkpoint``, ``data``, ``sweep``,
+  ``folding``, ``adaptors``, ``cpu``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _SUBMODULES = (
     "checkpoint",
     "cpu",
     "data",
+    "distributed",
     "folding",
     "lm",
     "losses",

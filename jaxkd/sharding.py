@@ -557,7 +557,9 @@ def initialize_distributed(**kwargs: Any) -> bool:
 
   Otherwise every argument goes to ``jax.distributed.initialize``, whose
   errors propagate. Like it, this must run before any other JAX call (even
-  ``jax.devices()``).
+  ``jax.devices()``). For a run whose surviving processes must exit cleanly
+  and within a bound when one dies, use :func:`jaxkd.distributed.initialize`
+  and :func:`jaxkd.distributed.watch_peers` instead.
 
   Args:
     **kwargs: ``coordinator_address``, ``num_processes``, ``process_id``,
