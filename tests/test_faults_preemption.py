@@ -1,9 +1,11 @@
-"""SIGTERM mid-run: a checkpoint, exit 0, and a bit-identical resume.
+"""SIGTERM or kill -9 mid-run: a bit-identical resume.
 
 Runs the experiment CLI in subprocesses on mnist5k :runlocal (the baseline
 student, no teacher; 2 steps an epoch, a checkpoint every 5 epochs): one
 run is sent SIGTERM once its first checkpoint is on disk, then started
-again; a second, uninterrupted run is the reference.
+again; another is killed with SIGKILL three times, at steps drawn from
+seeds and once inside a checkpoint write, and restarted each time; one
+uninterrupted run (shared by both tests) is the reference.
 """
 
 from __future__ import annotations
@@ -68,6 +70,32 @@ def run(workdir, data_dir, *, stop_after=None, timeout=240):
   return process.returncode, output
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir):
+  """The run dir of an uninterrupted run, the reference."""
+  workdir = tmp_path_factory.mktemp("straight")
+  code, output = run(workdir, data_dir)
+  assert code == 0, output
+  return workdir / "seed_0" / "baseline"
+
+
+def assert_same_run(run_dir, reference):
+  """Same logged numbers and bit-identical final arrays as ``reference``."""
+  assert numbers(run_dir / "metrics.jsonl") == numbers(
+      reference / "metrics.jsonl")
+  got, want = final_arrays(run_dir), final_arrays(reference)
+  flat_got = dict(_leaves(got))
+  flat_want = dict(_leaves(want))
+  assert flat_got.keys() == flat_want.keys()
+  for key, value in flat_want.items():
+    np.testing.assert_array_equal(flat_got[key], value, err_msg=key)
+
+
 def numbers(path):
   return [{k: v for k, v in json.loads(line).items()
            if "time" not in k and "per_s" not in k}
@@ -81,9 +109,9 @@ def final_arrays(run_dir):
 
 
 @pytest.mark.fault
-def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path):
-  data_dir = tmp_path / "data"
-  stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path, data_dir,
+                                                   straight):
+  stopped = tmp_path / "stopped"
   run_dir = stopped / "seed_0" / "baseline"
   first = run_dir / "checkpoints" / str(EVERY * STEPS_PER_EPOCH)
   code, output = run(stopped, data_dir, stop_after=first)
@@ -103,18 +131,93 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(tmp_path):
   code, output = run(stopped, data_dir)
   assert code == 0, output
   assert f"resumed at step {step} from {run_dir / 'checkpoints'}" in output
-  code, output = run(straight, data_dir)
-  assert code == 0, output
+  assert_same_run(run_dir, straight)
 
-  reference = straight / "seed_0" / "baseline"
-  assert numbers(run_dir / "metrics.jsonl") == numbers(
-      reference / "metrics.jsonl")
-  got, want = final_arrays(run_dir), final_arrays(reference)
-  flat_got = dict(_leaves(got))
-  flat_want = dict(_leaves(want))
-  assert flat_got.keys() == flat_want.keys()
-  for key, value in flat_want.items():
-    np.testing.assert_array_equal(flat_got[key], value, err_msg=key)
+
+# kill -9: each seed draws the step of one kill, in its third of the run;
+# the last seed's kill waits, after that step, for the next checkpoint write.
+SEEDS = (0, 1, 2)
+
+
+def logged_steps(run_dir):
+  """The steps of the complete lines of ``metrics.jsonl`` so far."""
+  path = run_dir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line)["step"] for line in path.read_text().splitlines()
+          if line.endswith("}")]
+
+
+def being_written(checkpoints, known):
+  """A step directory that Orbax is writing, or that has no manifest yet.
+
+  Orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it;
+  jaxkd writes the step's file manifest at the next save. A kill in either
+  window leaves a step that a restart must skip or check by its arrays.
+  """
+  if not checkpoints.is_dir():
+    return None
+  for path in checkpoints.iterdir():
+    if path.name in known:
+      continue
+    if "orbax-checkpoint-tmp" in path.name:
+      return path.name
+    if path.name.isdigit() and not (path / "jaxkd_files.json").exists():
+      return path.name
+  return None
+
+
+def kill_when(run_dir, data_dir, ready, timeout=240):
+  """Starts the CLI and sends SIGKILL once ``ready()`` returns a value."""
+  process = subprocess.Popen(
+      command(run_dir.parent.parent, data_dir), cwd=ROOT, env=environment(),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True)
+  try:
+    deadline = time.monotonic() + timeout
+    while (seen := ready()) is None:
+      assert process.poll() is None, process.communicate()[0]
+      assert time.monotonic() < deadline, "the kill point never came"
+      time.sleep(0.001)
+    os.killpg(process.pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=60)
+  finally:
+    if process.poll() is None:
+      os.killpg(process.pid, signal.SIGKILL)
+      process.communicate()
+  assert process.returncode == -signal.SIGKILL, output
+  return seen, output
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+def test_kill_9_at_random_steps_and_in_a_write_resumes_exactly(
+    tmp_path, data_dir, straight):
+  run_dir = tmp_path / "seed_0" / "baseline"
+  checkpoints = run_dir / "checkpoints"
+  kills = []
+  for i, seed in enumerate(SEEDS):
+    third = TOTAL // len(SEEDS)
+    at = int(np.random.default_rng(seed).integers(i * third + 1,
+                                                  (i + 1) * third))
+    known = set()
+
+    def ready(at=at, write=seed == SEEDS[-1], known=known):
+      if not any(step >= at for step in logged_steps(run_dir)):
+        if checkpoints.is_dir():  # what is on disk before the kill point
+          known.update(p.name for p in checkpoints.iterdir())
+        return None
+      return being_written(checkpoints, known) if write else at
+
+    seen, output = kill_when(run_dir, data_dir, ready)
+    kills.append(seen)
+    if i:
+      assert "resumed at step" in output, output
+  code, output = run(tmp_path, data_dir)
+  assert code == 0, output
+  assert "resumed at step" in output and "Traceback" not in output, output
+  print("killed at", kills)
+  assert_same_run(run_dir, straight)
 
 
 def _leaves(tree, prefix=""):
