@@ -195,8 +195,10 @@ class _Heartbeat:
     self.client = client
     self.peer_timeout = peer_timeout
     self.interval = _interval(peer_timeout)
-    self.me = jax.process_index()
-    self.count = jax.process_count()
+    # From the runtime's state, not jax.process_index(): that would start
+    # the backends, after which `jax.config` device options no longer apply.
+    self.me = _jax_distributed.global_state.process_id
+    self.count = _jax_distributed.global_state.num_processes
     self._name = f"{socket.gethostname()} pid {os.getpid()}"
     self._beats = 0
     self.lock = threading.Lock()
@@ -318,7 +320,10 @@ def watch_peers(
   Enter it in every process right after :func:`initialize` (or
   ``jax.distributed.initialize``, in which case the heartbeat starts here,
   and JAX's ``heartbeat_timeout_seconds`` should exceed ``peer_timeout`` by
-  a margin: see :func:`jax_heartbeat_timeout`).
+  a margin: see :func:`jax_heartbeat_timeout`), and keep the whole run in
+  it, the last checkpoint's wait included: a process that has left the
+  context waits for a dead peer at JAX's shutdown barrier, for up to
+  ``shutdown_timeout``, and is then aborted by JAX.
 
   Args:
     peer_timeout: Seconds without a peer's heartbeat before this process
@@ -337,7 +342,8 @@ def watch_peers(
   """
   if peer_timeout is not None:
     peer_timeout = _check_timeout("peer_timeout", peer_timeout)
-  if not jax.distributed.is_initialized() or jax.process_count() == 1:
+  if not jax.distributed.is_initialized() \
+      or _jax_distributed.global_state.num_processes == 1:
     yield
     return
   beat = _heartbeat(peer_timeout or DEFAULT_PEER_TIMEOUT)

@@ -228,6 +228,10 @@ def test_killed_peer_ends_the_survivor_and_a_restart_resumes(tmp_path):
             if line.startswith("RESUMED")}
   assert len(starts) == 1, starts  # both processes resumed at the same step
   assert int(starts.pop().split()[1]) in saved
+  # One process (0) writes each step's file manifest: no race between two.
+  assert (killed_dir / str(TOTAL) / "jaxkd_files.json").exists()
+  for _, _, stderr in resumed:
+    assert "Could not write the file manifest" not in stderr, stderr
 
   got = np.load(tmp_path / "resumed.npz")
   want = np.load(tmp_path / "straight.npz")

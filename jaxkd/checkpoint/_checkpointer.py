@@ -242,7 +242,9 @@ class Checkpointer:
     for step in self._unsealed:
       step_dir = self._step_dir(step)
       try:
-        if step_dir.exists():
+        # One writer: in a multi-process run every process sees the same
+        # directory, and two writers would race on the manifest's temp file.
+        if step_dir.exists() and jax.process_index() == 0:
           _integrity.seal(step_dir)
       except OSError as e:  # The step itself is whole: do not stop a run.
         logger.warning(
