@@ -62,7 +62,8 @@ def test_watch_peers_in_one_process_is_a_noop():
 
 def fake_heartbeat(count=3):
   """A `_Heartbeat` of process 0 of ``count``, without a thread or a client."""
-  beat = object.__new__(distributed._Heartbeat)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  beat = object.__new__(distributed._Heartbeat)
   beat.me, beat.count, beat.peer_timeout = 0, count, 5.0
   beat.lock = distributed.threading.Lock()
   now = time.monotonic()
@@ -89,7 +90,8 @@ def test_lost_coordinator_comes_first(monkeypatch):
   beat.seen[1] = ("3 a pid 1", time.monotonic() - 9)
   beat.last_ok = time.monotonic() - 8
   beat.last_error = "JaxRuntimeError: UNAVAILABLE: connection refused"
-  monkeypatch.setattr(distributed._jax_distributed, "global_state",  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  monkeypatch.setattr(distributed._jax_distributed, "global_state",
                       types.SimpleNamespace(coordinator_address="h:9"))
   message = beat.lost(5.0)
   assert message.startswith("lost the coordination service at h:9 (process 0)"

@@ -1,4 +1,4 @@
-"""kill -9 of one of two processes: the survivor exits cleanly, a restart resumes.
+"""kill -9 of one of two processes: a clean, bounded exit, then a resume.
 
 Two processes on 127.0.0.1 (2 CPU devices each, Gloo collectives) train the
 student of tests/test_sharding.py with the engine, checkpointing every few
@@ -19,10 +19,19 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from jaxkd import checkpoint
 from jaxkd import distributed
+from jaxkd import objective
+from jaxkd import sharding
+from jaxkd import teachers
+from jaxkd import train_step
+from tests import test_sharding as ts
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOTAL, EVERY = 8, 2  # steps, and a checkpoint every EVERY steps
@@ -78,12 +87,6 @@ def setup():
   Smaller than that file's setup (one teacher, no feature term): the step
   compiles in each of six processes.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from jaxkd import objective, teachers, train_step  # pylint: disable=g-import-not-at-top
-  from tests import test_sharding as ts  # pylint: disable=g-import-not-at-top
-
   batch = ts.host_batches(1, batch=BATCH)[0]
   params, stats = ts.numpy_fill(
       jax.eval_shape(ts.TEACHER.init, jax.random.key(0), batch["image"]), 10)
@@ -102,12 +105,8 @@ def setup():
 
 def train(checkpoint_dir: str, out: str) -> None:
   """One process's run: resume if a checkpoint exists, train to TOTAL."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxkd import checkpoint, sharding, train_step  # pylint: disable=g-import-not-at-top
-  from tests import test_sharding  # pylint: disable=g-import-not-at-top
-
   spec, state = setup()
-  batches = test_sharding.host_batches(TOTAL, batch=BATCH, seed=1)
+  batches = ts.host_batches(TOTAL, batch=BATCH, seed=1)
   mesh = sharding.make_mesh()
   state = sharding.shard_state(state, mesh)
   rows = sharding.process_batch_rows(BATCH)
@@ -133,8 +132,7 @@ def train(checkpoint_dir: str, out: str) -> None:
 
 
 def _free_port() -> int:
-  from tests import test_sharding  # pylint: disable=g-import-not-at-top
-  return test_sharding._free_port()  # pylint: disable=protected-access
+  return ts._free_port()  # pylint: disable=protected-access
 
 
 def start(checkpoint_dir, out, port, script=_WORKER):
@@ -222,8 +220,9 @@ def test_killed_peer_ends_the_survivor_and_a_restart_resumes(tmp_path):
   assert saved and saved[-1] >= EVERY, saved
 
   # The restart, and an uninterrupted run as the reference, side by side.
-  resumed, _ = run_to_the_end((killed_dir, tmp_path / "resumed.npz"),
-                              (tmp_path / "straight", tmp_path / "straight.npz"))
+  resumed, _ = run_to_the_end(
+      (killed_dir, tmp_path / "resumed.npz"),
+      (tmp_path / "straight", tmp_path / "straight.npz"))
   starts = {line for _, stdout, _ in resumed for line in stdout.splitlines()
             if line.startswith("RESUMED")}
   assert len(starts) == 1, starts  # both processes resumed at the same step
