@@ -151,9 +151,11 @@ def logged_steps(run_dir):
 def being_written(checkpoints, known):
   """A step directory that Orbax is writing, or that has no manifest yet.
 
-  Orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it;
-  jaxkd writes the step's file manifest at the next save. A kill in either
-  window leaves a step that a restart must skip or check by its arrays.
+  Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it
+  (a window of about 0.2 s for this state, often missed by this poll on a
+  loaded machine); jaxkd writes the step's file manifest at the next save
+  (a window of 10 steps). A kill in either leaves a step that a restart
+  must skip or check by its arrays' checksums only.
   """
   if not checkpoints.is_dir():
     return None
@@ -161,9 +163,9 @@ def being_written(checkpoints, known):
     if path.name in known:
       continue
     if "orbax-checkpoint-tmp" in path.name:
-      return path.name
+      return f"orbax writing {path.name}"
     if path.name.isdigit() and not (path / "jaxkd_files.json").exists():
-      return path.name
+      return f"no manifest yet in {path.name}"
   return None
 
 
