@@ -7,6 +7,11 @@ other must exit with ``PEER_LOST_EXIT_CODE`` within the bound of
 :mod:`jaxkd.distributed`, with one line naming the lost process. Both are
 then started again: they resume from the last checkpoint and end with the
 parameters of an uninterrupted two-process run, bit for bit.
+
+The coordination service listens on 127.0.0.1 only (jaxkd.distributed binds
+a loopback coordinator to loopback). Gloo's sockets use the address of the
+machine's host name, which JAX does not let a caller choose; on the CI
+machines that name resolves to 127.0.0.1.
 """
 
 from __future__ import annotations
