@@ -16,7 +16,6 @@ their warm-up steps; its systems are
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from benchmarks import _common  # Sets the XLA:CPU defaults before JAX runs.

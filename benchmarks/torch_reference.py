@@ -319,13 +319,14 @@ def markdown(rows, summaries, args, infos):
   table = _common.markdown_table(
       ["teacher -> student", "batch", "dtype", "system",
        "samples/s median (min-max)", "x PyTorch online",
-       "x PyTorch offline"],
+       "x PyTorch offline", "worker RSS MiB"],
       [
           [
               f"{r['teacher']} -> {r['student']}", r["batch_size"], r["dtype"],
               r["system"], _common.spread(r["samples_per_s"]),
               _ratio(r, "ratio_vs_torch_online"),
               _ratio(r, "ratio_vs_torch_offline"),
+              (f"{r['worker_rss_mib']:.0f}" if r["worker_rss_mib"] else ""),
           ]
           for r in rows
       ],
@@ -348,7 +349,8 @@ def markdown(rows, summaries, args, infos):
       f"{args.image_size}x{args.image_size} images, {args.num_classes}"
       f" classes; {args.rounds} alternating rounds x {args.steps} steps"
       f" after {args.warmup} warm-up steps, each worker process timing its"
-      " own steps in turn."
+      " own steps in turn; worker RSS is the worker process's resident set"
+      " after the configuration's rounds."
       + (" PyTorch eager, NCHW. Ratios are jaxkd samples/s over PyTorch's."
          if args.torch else "")
   )

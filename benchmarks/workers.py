@@ -160,7 +160,11 @@ class Worker:
         [self.python, "-u", "-m", module, *args], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env,
     )
-    self.info = self.request("info")
+    try:
+      self.info = self.request("info")
+    except BaseException:
+      self.close()
+      raise
 
   def request(self, op: str, **fields) -> dict[str, Any]:
     """Sends one request and waits for its answer."""

@@ -76,6 +76,9 @@ def test_worker_protocol_round_trip_and_errors():
     assert worker.request("time", system="noop", steps=1)["seconds"]
     with pytest.raises(workers.WorkerError, match=r"exited \(code 3\)"):
       worker.request("build", config={"exit": 3})
+  with pytest.raises(workers.WorkerError,
+                     match=r"exited \(code 1\) before answering 'info'"):
+    workers.Worker("nothing", sys.executable, "tests.no_such_module")
 
 
 def _fake_python(directory, name, code):
