@@ -9,10 +9,11 @@ PyTorch's CPU wheel ``torch==2.13.0`` exists for Python 3.11 only (on 3.12
 pip resolves a multi-GB CUDA build), so the benchmark runs each framework
 and stack in its own persistent worker process and interleaves them in one
 invocation: PyTorch eager on a Python 3.11 interpreter that has torch
-(``--torch_python``, default ``$JAXKD_TORCH_PYTHON``, else
-``.venv311/bin/python`` or a pyenv 3.11 that has it), jaxkd on the
-interpreter running this command, and jaxkd on the oldest supported stack
-too with ``--oldest_python`` (its rows labelled with its jax version). The
+(``--torch_python``, default ``$JAXKD_TORCH_PYTHON``, else the first of
+``.venv311/bin/python``, a pyenv 3.11 and this interpreter that has it),
+jaxkd on the interpreter running this command, and jaxkd on the oldest
+supported stack too with ``--oldest_python`` (its rows labelled with its
+jax version). The
 workers (``benchmarks/torch_worker.py``, ``benchmarks/jax_worker.py``)
 speak JSON lines over stdin/stdout (``benchmarks/workers.py``); the parent
 waits for each answer, so one process computes at a time. A torch
@@ -93,8 +94,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument(
       "--torch_python", default=os.environ.get(TORCH_PYTHON_ENV),
       help="A Python (3.11) with torch for the PyTorch worker (default:"
-      f" ${TORCH_PYTHON_ENV}, else .venv311/bin/python or a pyenv 3.11 that"
-      " has torch).")
+      f" ${TORCH_PYTHON_ENV}, else the first of .venv311/bin/python, pyenv"
+      " 3.11 and this interpreter that has torch).")
   parser.add_argument(
       "--oldest_python", default=None,
       help="Also time jaxkd on this interpreter (the oldest supported stack,"
@@ -151,12 +152,13 @@ def has_torch(python: str) -> bool:
 
 
 def torch_python_candidates() -> list[str]:
-  """Where a Python 3.11 with torch may be, most specific first."""
+  """Where a Python with torch may be: .venv311s, pyenv 3.11s, this one."""
   found = [str(workers.REPO_ROOT / ".venv311" / "bin" / "python"),
            str(pathlib.Path.cwd() / ".venv311" / "bin" / "python")]
   pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
   found += sorted(glob.glob(os.path.join(pyenv, "versions", "3.11*", "bin",
                                          "python")), reverse=True)
+  found.append(sys.executable)  # A 3.11 stack with torch runs itself.
   return list(dict.fromkeys(p for p in found if os.path.exists(p)))
 
 

@@ -119,7 +119,8 @@ def test_torch_python_search_order(tmp_path, monkeypatch):
   monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "pyenv"))
   monkeypatch.chdir(tmp_path)
   found = torch_reference.torch_python_candidates()
-  pyenv = [p for p in found if "pyenv" in p]
+  pyenv = [p for p in found if p.startswith(str(tmp_path / "pyenv"))]
+  assert found[-1] == sys.executable
   assert pyenv == [
       str(tmp_path / "pyenv" / "versions" / v / "bin" / "python")
       for v in ("3.11.9", "3.11.2")
