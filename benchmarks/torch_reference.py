@@ -185,7 +185,7 @@ def find_torch_python(explicit: str | None,
       return python
   raise SystemExit(
       "benchmarks.torch_reference: no Python with torch found (tried"
-      f" {', '.join(tried) or 'no .venv311 or pyenv 3.11'}); install one with"
+      f" {', '.join(tried) or 'nothing: no .venv311 or pyenv 3.11'}); install one with"
       f" `{INSTALL_HINT}` (torch 2.13.0 is a CPU wheel for Python 3.11 only;"
       f" on 3.12 pip fetches a multi-GB CUDA build), or pass --torch_python"
       " PATH, or --no_torch.")
@@ -206,15 +206,19 @@ def _label(worker: workers.Worker, taken: set[str]) -> str:
 
 def start_workers(args, stack: contextlib.ExitStack) -> list[workers.Worker]:
   """The PyTorch worker (unless ``--no_torch``) and the jaxkd workers."""
+  def resolve(python):  # Workers start in the repository root.
+    return os.path.abspath(python) if os.sep in python else python
+
   specs = []
   if args.torch:
     threads = ["--threads", str(args.torch_threads)] if args.torch_threads \
         else []
-    specs.append((find_torch_python(args.torch_python),
+    specs.append((resolve(find_torch_python(args.torch_python)),
                   "benchmarks.torch_worker", threads))
   specs.append((sys.executable, "benchmarks.jax_worker", []))
   if args.oldest_python:
-    specs.append((args.oldest_python, "benchmarks.jax_worker", []))
+    specs.append((resolve(args.oldest_python), "benchmarks.jax_worker",
+                  []))
   started, taken = [], set()
   for python, module, extra in specs:
     worker = stack.enter_context(
