@@ -4,7 +4,8 @@
   teacher forward pass and the distillation step (K teachers, every
   strategy, online and offline), compile time and memory;
 * ``python -m benchmarks.torch_reference``: the same distillation step in
-  jaxkd and in plain PyTorch, side by side (needs the ``bench`` extra);
+  jaxkd and in plain PyTorch, side by side (worker processes: PyTorch on a
+  Python 3.11 with ``torch==2.13.0``, jaxkd on one or two stacks);
 * ``python -m benchmarks.flops``: achieved FLOP/s against the device's
   measured matrix-product ceiling;
 * ``python -m benchmarks.scaling``: the data-parallel step over 1, 2, 4 and

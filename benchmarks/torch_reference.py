@@ -1,9 +1,25 @@
 """jaxkd against a plain PyTorch eager distillation step, side by side.
 
-  pip install torch==2.13.0          # the `bench` extra
-  python -m benchmarks.torch_reference
+  python -m benchmarks.torch_reference             # Python 3.12 / jax 0.12
+  python -m benchmarks.torch_reference --oldest_python .venv311/bin/python
   python -m benchmarks.torch_reference --pairs resnet32x4:resnet8x4 \\
       --batch_sizes 64 --dtypes float32
+
+PyTorch's CPU wheel ``torch==2.13.0`` exists for Python 3.11 only (on 3.12
+pip resolves a multi-GB CUDA build), so the benchmark runs each framework
+and stack in its own persistent worker process and interleaves them in one
+invocation: PyTorch eager on a Python 3.11 interpreter that has torch
+(``--torch_python``, default ``$JAXKD_TORCH_PYTHON``, else the first of
+``.venv311/bin/python``, a pyenv 3.11 and this interpreter that has it),
+jaxkd on the interpreter running this command, and jaxkd on the oldest
+supported stack too with ``--oldest_python`` (its rows labelled with its
+jax version). The
+workers (``benchmarks/torch_worker.py``, ``benchmarks/jax_worker.py``)
+speak JSON lines over stdin/stdout (``benchmarks/workers.py``); the parent
+waits for each answer, so one process computes at a time. A torch
+interpreter:
+
+  python3.11 -m venv .venv311 && .venv311/bin/pip install torch==2.13.0
 
 The PyTorch step is written the way torchdistill and mdistiller write it: the
 teacher in ``eval()`` mode under ``torch.no_grad()``, the student in
@@ -15,10 +31,10 @@ both forward passes (the loss in float32); in jaxkd it is the models' compute
 dtype (``models.create(..., dtype=jnp.bfloat16)``, float32 parameters,
 BatchNorm and logits).
 
-Every configuration (teacher:student pair, batch size, dtype) is measured in
-one process, the two frameworks alternating in ``--rounds`` rounds of
-``--steps`` timed steps each, so that a change in the machine's load hits
-both. Rows:
+Every configuration (teacher:student pair, batch size, dtype) is built,
+compiled and warmed up once in each worker, then every system of every
+worker is timed in turn, in ``--rounds`` rounds of ``--steps`` steps each,
+so that a change in the machine's load hits all of them. Rows:
 
 * ``online``: the distillation step with the teacher running in it (jaxkd:
   teachers as trained, and with ``--fold`` also BatchNorm-folded);
@@ -34,16 +50,24 @@ batch 64 and 128 (BatchNorm folding and offline caching count).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
+import os
+import pathlib
+import statistics
+import subprocess
 import sys
 from typing import Any, Sequence
 
 from benchmarks import _common
-
-import jax  # pylint: disable=g-bad-import-order
-from jaxkd import models  # pylint: disable=g-bad-import-order
+from benchmarks import workers
 
 NAME = "torch_reference"
 DEFAULT_PAIRS = "resnet32x4:resnet8x4,resnet110:resnet32"
+TORCH_PYTHON_ENV = "JAXKD_TORCH_PYTHON"
+INSTALL_HINT = (
+    "python3.11 -m venv .venv311 && .venv311/bin/pip install torch==2.13.0"
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -67,6 +91,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="Skip the offline (cached logits) rows.")
   parser.add_argument("--torch_threads", type=int, default=None,
                       help="torch.set_num_threads (default: PyTorch's).")
+  parser.add_argument(
+      "--torch_python", default=os.environ.get(TORCH_PYTHON_ENV),
+      help="A Python (3.11) with torch for the PyTorch worker (default:"
+      f" ${TORCH_PYTHON_ENV}, else the first of .venv311/bin/python, pyenv"
+      " 3.11 and this interpreter that has torch).")
+  parser.add_argument(
+      "--oldest_python", default=None,
+      help="Also time jaxkd on this interpreter (the oldest supported stack,"
+      " e.g. .venv311/bin/python).")
+  parser.add_argument("--no_torch", dest="torch", action="store_false",
+                      help="jaxkd workers only (no PyTorch rows, no ratios).")
   _common.add_common_flags(parser, steps=5, rounds=3)
   args = parser.parse_args(argv)
   pairs = []
@@ -79,175 +114,200 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-# ---------------------------------------------------------------------------
-# PyTorch.
-# ---------------------------------------------------------------------------
+def recipe() -> dict[str, float]:
+  """The training recipe both frameworks follow (``_common``'s constants)."""
+  return {
+      "learning_rate": _common.LEARNING_RATE, "momentum": _common.MOMENTUM,
+      "weight_decay": _common.WEIGHT_DECAY,
+      "label_weight": _common.LABEL_WEIGHT, "kd_weight": _common.KD_WEIGHT,
+      "temperature": _common.TEMPERATURE,
+  }
 
 
 def torch_step_setup(args, teacher_name, student_name, batch_size, dtype_name,
-                 offline):
-  """A PyTorch step closure (blocking: CPU eager runs synchronously)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+                     offline):
+  """The PyTorch step in this process (for ``benchmarks.profile``)."""
+  from benchmarks import torch_worker  # pylint: disable=g-import-not-at-top
 
-  from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
-
-  torch.manual_seed(0)
-  student = torch_models.create(student_name, num_classes=args.num_classes)
-  teacher = torch_models.create(teacher_name, num_classes=args.num_classes)
-  student.train()
-  teacher.eval()
-  for p in teacher.parameters():
-    p.requires_grad_(False)
-  optimizer = torch.optim.SGD(
-      student.parameters(), lr=_common.LEARNING_RATE,
-      momentum=_common.MOMENTUM, weight_decay=_common.WEIGHT_DECAY,
+  return torch_worker.step_setup(
+      teacher_name, student_name, batch_size=batch_size, dtype=dtype_name,
+      image_size=args.image_size, num_classes=args.num_classes,
+      offline=offline, recipe=recipe(),
   )
-  generator = torch.Generator().manual_seed(0)
-  images = torch.randn(batch_size, 3, args.image_size, args.image_size,
-                       generator=generator)
-  labels = torch.randint(0, args.num_classes, (batch_size,),
-                         generator=generator)
-  cached = torch.randn(batch_size, args.num_classes, generator=generator)
-  bf16 = dtype_name == "bfloat16"
-  temperature = _common.TEMPERATURE
-
-  def autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-
-  def step():
-    if offline:
-      teacher_logits = cached
-    else:
-      with torch.no_grad(), autocast():
-        teacher_logits = teacher(images)
-    with autocast():
-      logits = student(images)
-    logits = logits.float()
-    teacher_logits = teacher_logits.float()
-    kd = F.kl_div(
-        F.log_softmax(logits / temperature, dim=1),
-        F.softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean",
-    ) * temperature**2
-    loss = (_common.LABEL_WEIGHT * F.cross_entropy(logits, labels)
-            + _common.KD_WEIGHT * kd)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-  counts = (torch_models.num_parameters(teacher),
-            torch_models.num_parameters(student))
-  return step, counts
 
 
 # ---------------------------------------------------------------------------
-# jaxkd.
+# Workers.
 # ---------------------------------------------------------------------------
 
 
-def _jax_setups(args, teacher_name, student_name, batch_size, dtype_name):
-  dtype = _common.DTYPES[dtype_name]
-  student = models.create(student_name, num_classes=args.num_classes,
-                          dtype=dtype)
-  batch = _common.make_batch(batch_size, args.image_size, args.num_classes)
-  common = dict(num_classes=args.num_classes)
-  setups = {}
-  plain = _common.make_teachers(
-      teacher_name, 1, num_classes=args.num_classes,
-      image_size=args.image_size, dtype=dtype,
-  )
-  setups["jaxkd online"] = _common.train_step_setup(
-      student, batch, teacher_groups=[plain.group("auto")], **common
-  )
-  if args.fold:
-    folded = _common.make_teachers(
-        teacher_name, 1, num_classes=args.num_classes,
-        image_size=args.image_size, dtype=dtype, fold=True,
-    )
-    setups["jaxkd online, folded teacher"] = _common.train_step_setup(
-        student, batch, teacher_groups=[folded.group("auto")], **common
-    )
-  if args.offline:
-    setups["jaxkd offline"] = _common.train_step_setup(
-        student, batch, offline_k=1, **common
-    )
-  counts = (_count(plain.params[0]), _count(jax.eval_shape(
-      student.init, jax.random.key(0), batch["image"])[0]))
-  return setups, counts
+def has_torch(python: str) -> bool:
+  """Whether ``python`` runs and imports torch."""
+  try:
+    result = subprocess.run([python, "-c", "import torch"],
+                            capture_output=True, timeout=300, check=False)
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+  return result.returncode == 0
 
 
-def _count(params) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(params))
+def torch_python_candidates() -> list[str]:
+  """Where a Python with torch may be: .venv311s, pyenv 3.11s, this one."""
+  found = [str(workers.REPO_ROOT / ".venv311" / "bin" / "python"),
+           str(pathlib.Path.cwd() / ".venv311" / "bin" / "python")]
+  pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+  found += sorted(glob.glob(os.path.join(pyenv, "versions", "3.11*", "bin",
+                                         "python")), reverse=True)
+  found.append(sys.executable)  # A 3.11 stack with torch runs itself.
+  return list(dict.fromkeys(p for p in found if os.path.exists(p)))
 
 
-def measure_config(args, teacher_name, student_name, batch_size, dtype_name):
-  """All rows of one configuration, frameworks alternating per round."""
-  jax_setups, jax_counts = _jax_setups(
-      args, teacher_name, student_name, batch_size, dtype_name
-  )
-  runs: dict[str, Any] = {name: s.run for name, s in jax_setups.items()}
-  torch_online, torch_counts = torch_step_setup(
-      args, teacher_name, student_name, batch_size, dtype_name, offline=False
-  )
-  runs["PyTorch online"] = torch_online
-  if args.offline:
-    runs["PyTorch offline"], _ = torch_step_setup(
-        args, teacher_name, student_name, batch_size, dtype_name, offline=True
-    )
-  if jax_counts != torch_counts:
+def find_torch_python(explicit: str | None,
+                      candidates: Sequence[str] | None = None) -> str:
+  """``explicit`` if it has torch, else the first candidate that has it.
+
+  Raises:
+    SystemExit: with a one-line message and the install command, when
+      ``explicit`` lacks torch or no candidate has it.
+  """
+  if explicit:
+    if has_torch(explicit):
+      return explicit
+    raise SystemExit(
+        f"benchmarks.torch_reference: {explicit} (--torch_python or"
+        f" ${TORCH_PYTHON_ENV}) cannot import torch; install it there with"
+        f" `{explicit} -m pip install torch==2.13.0` (a CPU wheel for Python"
+        " 3.11), or pass --no_torch.")
+  tried = list(torch_python_candidates() if candidates is None
+               else candidates)
+  for python in tried:
+    if has_torch(python):
+      return python
+  raise SystemExit(
+      "benchmarks.torch_reference: no Python with torch found (tried"
+      f" {', '.join(tried) or 'nothing: no .venv311 or pyenv 3.11'}); install one with"
+      f" `{INSTALL_HINT}` (torch 2.13.0 is a CPU wheel for Python 3.11 only;"
+      f" on 3.12 pip fetches a multi-GB CUDA build), or pass --torch_python"
+      " PATH, or --no_torch.")
+
+
+def _label(worker: workers.Worker, taken: set[str]) -> str:
+  info = worker.info
+  if info["framework"] == "PyTorch":
+    label = "PyTorch"
+  else:
+    label = f"jax {info['versions']['jax']}"
+  base, n = label, 2
+  while label in taken:  # The same stack twice.
+    label, n = f"{base}, worker {n}", n + 1
+  taken.add(label)
+  return label
+
+
+def start_workers(args, stack: contextlib.ExitStack) -> list[workers.Worker]:
+  """The PyTorch worker (unless ``--no_torch``) and the jaxkd workers."""
+  def resolve(python):  # Workers start in the repository root.
+    return os.path.abspath(python) if os.sep in python else python
+
+  specs = []
+  if args.torch:
+    threads = ["--threads", str(args.torch_threads)] if args.torch_threads \
+        else []
+    specs.append((resolve(find_torch_python(args.torch_python)),
+                  "benchmarks.torch_worker", threads))
+  specs.append((sys.executable, "benchmarks.jax_worker", []))
+  if args.oldest_python:
+    specs.append((resolve(args.oldest_python), "benchmarks.jax_worker",
+                  []))
+  started, taken = [], set()
+  for python, module, extra in specs:
+    worker = stack.enter_context(
+        workers.Worker(module.split(".")[-1], python, module, extra))
+    worker.label = _label(worker, taken)
+    started.append(worker)
+  return started
+
+
+def system_name(worker: workers.Worker, system: str) -> str:
+  """A row's system: jaxkd rows carry their stack's jax version."""
+  if worker.info["framework"] == "PyTorch":
+    return system
+  return f"{system} ({worker.label})"
+
+
+def stack_text(info: dict[str, Any]) -> str:
+  versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+  threads = f", {info['threads']} threads" if "threads" in info else ""
+  return f"{info['framework']}: {versions}{threads} ({info['executable']})"
+
+
+# ---------------------------------------------------------------------------
+# Measuring.
+# ---------------------------------------------------------------------------
+
+
+def measure_config(args, pool, teacher_name, student_name, batch_size,
+                   dtype_name):
+  """All rows of one configuration, the workers' systems alternating."""
+  config = {
+      "teacher": teacher_name, "student": student_name,
+      "batch_size": batch_size, "dtype": dtype_name,
+      "image_size": args.image_size, "num_classes": args.num_classes,
+      "fold": args.fold, "offline": args.offline, "warmup": args.warmup,
+      "recipe": recipe(),
+  }
+  built = {w: w.request("build", config=config) for w in pool}
+  counts = {w.label: tuple(b["counts"]) for w, b in built.items()}
+  if len(set(counts.values())) > 1:
     raise RuntimeError(
-        f"{teacher_name} -> {student_name}: jaxkd has {jax_counts} (teacher,"
-        f" student) parameters, PyTorch {torch_counts}; the models differ."
-    )
-  for run in runs.values():  # Warm-up: compiled already, caches and pools.
-    for _ in range(args.warmup):
-      run()
-  timings = _common.time_interleaved(
-      runs, steps=args.steps, rounds=args.rounds
-  )
+        f"{teacher_name} -> {student_name}: (teacher, student) parameters"
+        f" differ between workers, {counts}; the models differ.")
+  pairs = [(w, s) for w, b in built.items() for s in b["systems"]]
+  durations = workers.interleave(pairs, steps=args.steps, rounds=args.rounds)
+  memory = {w: w.request("memory") for w in pool}
   rows = []
-  for name, timing in timings.items():
+  for (worker, system), seconds in durations.items():
+    timing = _common.Timing(statistics.median(seconds), min(seconds),
+                            max(seconds), len(seconds))
     rows.append({
-        "teacher": teacher_name,
-        "student": student_name,
-        "batch_size": batch_size,
-        "dtype": dtype_name,
-        "system": name,
+        "teacher": teacher_name, "student": student_name,
+        "batch_size": batch_size, "dtype": dtype_name,
+        "system": system_name(worker, system),
+        "framework": worker.info["framework"], "stack": worker.label,
         "samples_per_s": timing.samples_per_s(batch_size),
         "steps": timing.steps,
-        "compile_s": (
-            jax_setups[name].compile_s if name in jax_setups else None
-        ),
+        "compile_s": built[worker]["compile_s"].get(system),
+        "worker_rss_mib": memory[worker]["rss_mib"],
+        "worker_peak_rss_mib": memory[worker]["peak_rss_mib"],
     })
   by_name = {r["system"]: r["samples_per_s"]["median"] for r in rows}
   for r in rows:
-    r["ratio_vs_torch_online"] = (
-        r["samples_per_s"]["median"] / by_name["PyTorch online"]
-    )
+    if "PyTorch online" in by_name:
+      r["ratio_vs_torch_online"] = (
+          r["samples_per_s"]["median"] / by_name["PyTorch online"])
     if "offline" in r["system"] and "PyTorch offline" in by_name:
       r["ratio_vs_torch_offline"] = (
-          r["samples_per_s"]["median"] / by_name["PyTorch offline"]
-      )
+          r["samples_per_s"]["median"] / by_name["PyTorch offline"])
   return rows
 
 
 def summary(rows) -> list[dict]:
-  """Per configuration: the best jaxkd row over PyTorch online."""
+  """Per configuration and jaxkd stack: its best row over PyTorch online."""
   out = []
-  keys = sorted({(r["teacher"], r["student"], r["batch_size"], r["dtype"])
-                 for r in rows}, key=str)
+  keys = sorted({(r["teacher"], r["student"], r["batch_size"], r["dtype"],
+                  r["stack"]) for r in rows
+                 if r["framework"] == "jaxkd"
+                 and "ratio_vs_torch_online" in r}, key=str)
   for key in keys:
     mine = [r for r in rows
-            if (r["teacher"], r["student"], r["batch_size"], r["dtype"]) == key]
-    jax_rows = [r for r in mine if r["system"].startswith("jaxkd")]
-    online = [r for r in jax_rows if "offline" not in r["system"]]
-    best = max(jax_rows, key=lambda r: r["ratio_vs_torch_online"])
+            if (r["teacher"], r["student"], r["batch_size"], r["dtype"],
+                r["stack"]) == key]
+    online = [r for r in mine if "offline" not in r["system"]]
+    best = max(mine, key=lambda r: r["ratio_vs_torch_online"])
     best_online = max(online, key=lambda r: r["ratio_vs_torch_online"])
     out.append({
         "teacher": key[0], "student": key[1], "batch_size": key[2],
-        "dtype": key[3],
+        "dtype": key[3], "stack": key[4],
         "best_online": best_online["system"],
         "best_online_ratio": best_online["ratio_vs_torch_online"],
         "best": best["system"],
@@ -257,18 +317,22 @@ def summary(rows) -> list[dict]:
   return out
 
 
-def markdown(rows, summaries, args, torch_threads):
+def _ratio(row, key):
+  return f"{row[key]:.2f}" if key in row else ""
+
+
+def markdown(rows, summaries, args, infos):
   table = _common.markdown_table(
       ["teacher -> student", "batch", "dtype", "system",
        "samples/s median (min-max)", "x PyTorch online",
-       "x PyTorch offline"],
+       "x PyTorch offline", "worker RSS MiB"],
       [
           [
               f"{r['teacher']} -> {r['student']}", r["batch_size"], r["dtype"],
               r["system"], _common.spread(r["samples_per_s"]),
-              f"{r['ratio_vs_torch_online']:.2f}",
-              (f"{r['ratio_vs_torch_offline']:.2f}"
-               if "ratio_vs_torch_offline" in r else ""),
+              _ratio(r, "ratio_vs_torch_online"),
+              _ratio(r, "ratio_vs_torch_offline"),
+              (f"{r['worker_rss_mib']:.0f}" if r["worker_rss_mib"] else ""),
           ]
           for r in rows
       ],
@@ -285,45 +349,50 @@ def markdown(rows, summaries, args, torch_threads):
           for s in summaries
       ],
   )
+  workers_text = "\n".join(f"- Worker {label}: {stack_text(info)}"
+                           for label, info in infos.items())
   config = (
       f"{args.image_size}x{args.image_size} images, {args.num_classes}"
       f" classes; {args.rounds} alternating rounds x {args.steps} steps"
-      f" after {args.warmup} warm-up steps; PyTorch eager, NCHW,"
-      f" {torch_threads} threads. Ratios are jaxkd samples/s over PyTorch's."
+      f" after {args.warmup} warm-up steps, each worker process timing its"
+      " own steps in turn; worker RSS is the worker process's resident set"
+      " after the configuration's rounds."
+      + (" PyTorch eager, NCHW. Ratios are jaxkd samples/s over PyTorch's."
+         if args.torch else "")
   )
-  return [("", config), ("jaxkd vs PyTorch", table),
-          ("Best jaxkd per configuration", summary_table)]
+  sections = [("", workers_text), ("", config),
+              ("jaxkd vs PyTorch", table)]
+  if summaries:
+    sections.append(("Best jaxkd per configuration", summary_table))
+  return sections
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise SystemExit(
-        "benchmarks.torch_reference needs PyTorch, which is not installed:"
-        ' pip install -e ".[bench]" (torch==2.13.0, a CPU wheel for Python'
-        " 3.11; on 3.12 pip would fetch a multi-GB CUDA build).") from None
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
-  torch_threads = torch.get_num_threads()
   env = _common.environment("benchmarks.torch_reference", argv)
-  env["torch_threads"] = torch_threads
   rows = []
-  for teacher_name, student_name in args.pairs:
-    for dtype_name in args.dtypes:
-      for batch_size in args.batch_sizes:
-        config_rows = measure_config(
-            args, teacher_name, student_name, batch_size, dtype_name
-        )
-        for r in config_rows:
-          print(
-              f"  {teacher_name}->{student_name} B={batch_size} {dtype_name}"
-              f" {r['system']:<30} {r['samples_per_s']['median']:8.1f}"
-              f" samples/s  x{r['ratio_vs_torch_online']:.2f} PyTorch online",
-              flush=True,
+  with contextlib.ExitStack() as stack:
+    pool = start_workers(args, stack)
+    infos = {w.label: w.info for w in pool}
+    env["workers"] = infos
+    for label, info in infos.items():
+      print(f"worker {label}: {stack_text(info)}", flush=True)
+    for teacher_name, student_name in args.pairs:
+      for dtype_name in args.dtypes:
+        for batch_size in args.batch_sizes:
+          config_rows = measure_config(
+              args, pool, teacher_name, student_name, batch_size, dtype_name
           )
-        rows += config_rows
+          for r in config_rows:
+            ratio = (f"  x{r['ratio_vs_torch_online']:.2f} PyTorch online"
+                     if "ratio_vs_torch_online" in r else "")
+            print(
+                f"  {teacher_name}->{student_name} B={batch_size}"
+                f" {dtype_name} {r['system']:<42}"
+                f" {r['samples_per_s']['median']:8.1f} samples/s{ratio}",
+                flush=True,
+            )
+          rows += config_rows
   summaries = summary(rows)
   results = {"config": {**vars(args), "pairs": [list(p) for p in args.pairs]},
              "rows": rows, "summary": summaries}
@@ -332,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       title="jaxkd vs PyTorch eager: distillation step",
       env=env,
       results=results,
-      sections=markdown(rows, summaries, args, torch_threads),
+      sections=markdown(rows, summaries, args, infos),
       out_dir=args.out_dir,
       note=args.note,
   )

@@ -2,8 +2,8 @@
 
 Each runs for 2 timed steps on 4x4 or 8x8 images with small models and
 writes its JSON and Markdown results into a temporary directory. The PyTorch
-comparison is skipped when torch is not installed (CI installs only
-``.[test]``; torch comes with the optional ``bench`` extra).
+comparison, which runs worker processes, has its own file
+(``test_benchmarks_torch_reference.py``).
 """
 
 from __future__ import annotations
@@ -74,30 +74,6 @@ def test_scaling(tmp_path):
   assert [r["devices"] for r in data["rows"]] == [1, 2]
   assert data["rows"][0]["efficiency"] == pytest.approx(1.0)
   assert "efficiency" in markdown
-
-
-def test_torch_reference(tmp_path):
-  pytest.importorskip(
-      "torch",
-      reason="PyTorch is not installed (CI installs only .[test]); the"
-      " reference benchmark needs the `bench` extra: pip install"
-      " torch==2.13.0",
-  )
-  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
-
-  torch_reference.main(
-      TINY + ["--pairs", "resnet8:resnet8", "--batch_sizes", "2",
-              "--dtypes", "float32", "--image_size", "8",
-              "--out_dir", str(tmp_path)]
-  )
-  data, markdown = _outputs(tmp_path, "torch_reference")
-  systems = {r["system"] for r in data["rows"]}
-  assert systems == {
-      "jaxkd online", "jaxkd online, folded teacher", "jaxkd offline",
-      "PyTorch online", "PyTorch offline",
-  }
-  assert all(r["ratio_vs_torch_online"] > 0 for r in data["rows"])
-  assert "x PyTorch online" in markdown
 
 
 _HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
