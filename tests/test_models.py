@@ -142,6 +142,16 @@ def vit_count(image, channels, patch, dim, depth, mlp, classes, cls=True):
   return total + depth * block + bn(dim) + linear(dim, classes)  # Final LN.
 
 
+def lenet_count(channels, in_channels, classes):
+  """LeNet-5: three 5x5 convolutions with bias and BatchNorm, two denses."""
+  total, fan_in = 0, in_channels
+  for c in channels[:3]:
+    total += 25 * fan_in * c + c + 2 * c  # Kernel, bias, BN scale and bias.
+    fan_in = c
+  return total + linear(channels[2], channels[3]) + linear(channels[3],
+                                                          classes)
+
+
 EXPECTED_PARAMS = {
     "resnet8": resnet_count(8, (16, 16, 32, 64), NUM_CLASSES),
     "resnet14": resnet_count(14, (16, 16, 32, 64), NUM_CLASSES),
@@ -163,6 +173,8 @@ EXPECTED_PARAMS = {
     "shufflev2": shufflev2_count(NUM_CLASSES),
     "hinton_teacher": mlp_count((1200, 1200), NUM_CLASSES),
     "hinton_student": mlp_count((800, 800), NUM_CLASSES),
+    "lenet5": lenet_count((6, 16, 120, 84), 3, NUM_CLASSES),
+    "lenet5_half": lenet_count((3, 8, 60, 42), 3, NUM_CLASSES),
     "vit_tiny": vit_count(32, 3, 4, 192, 12, 768, NUM_CLASSES),
     # torchvision's 11,689,512 and 21,797,672 at 1,000 classes, less the
     # 512 x 1000 + 1000 classifier, plus this one.
@@ -207,6 +219,10 @@ EXPECTED_FEATURES = {
                   "stage2": (2, 8, 8, 232), "stage3": (2, 4, 4, 464)},
     "hinton_teacher": {"stage1": (2, 1200), "stage2": (2, 1200)},
     "hinton_student": {"stage1": (2, 800), "stage2": (2, 800)},
+    "lenet5": {"stage1": (2, 14, 14, 6), "stage2": (2, 5, 5, 16),
+               "stage3": (2, 120)},
+    "lenet5_half": {"stage1": (2, 14, 14, 3), "stage2": (2, 5, 5, 8),
+                    "stage3": (2, 60)},
     "vit_tiny": {f"stage{i}": (2, 65, 192) for i in range(1, 13)},
     # Stride-2 stem, max pool, then stages at strides 4, 8, 16, 32.
     **{name: {"stem": (2, 16, 16, 64), "stage1": (2, 8, 8, 64),
@@ -220,7 +236,8 @@ EMBEDDING_DIM = {
     "resnet8x4": 256, "resnet32x4": 256, "wrn_16_2": 128, "wrn_40_2": 128,
     "vgg8": 512, "vgg11": 512, "vgg13": 512, "mobile_half": 1280,
     "shufflev2": 1024, "hinton_teacher": 1200, "hinton_student": 800,
-    "vit_tiny": 192, "resnet18": 512, "resnet34": 512,
+    "lenet5": 84, "lenet5_half": 42, "vit_tiny": 192, "resnet18": 512,
+    "resnet34": 512,
 }
 
 

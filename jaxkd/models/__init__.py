@@ -39,6 +39,9 @@ import jax.numpy as jnp
 from jaxkd.models._contract import from_linen as from_linen
 from jaxkd.models._contract import from_nnx as from_nnx
 from jaxkd.models._contract import Model as Model
+from jaxkd.models._lenet import LeNet5 as LeNet5
+from jaxkd.models._lenet import lenet5 as lenet5
+from jaxkd.models._lenet import lenet5_half as lenet5_half
 from jaxkd.models._mlp import hinton_student as hinton_student
 from jaxkd.models._mlp import hinton_teacher as hinton_teacher
 from jaxkd.models._mlp import MLP as MLP
@@ -77,6 +80,7 @@ from jaxkd.models._wide_resnet import wrn_40_2 as wrn_40_2
 
 __all__ = [
     "ImageNetResNet",
+    "LeNet5",
     "MLP",
     "MobileNetV2",
     "Model",
@@ -93,6 +97,8 @@ __all__ = [
     "from_nnx",
     "hinton_student",
     "hinton_teacher",
+    "lenet5",
+    "lenet5_half",
     "lm_student",
     "lm_teacher",
     "mobile_half",
@@ -139,6 +145,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "shufflev2": shufflev2,
     "hinton_teacher": hinton_teacher,
     "hinton_student": hinton_student,
+    "lenet5": lenet5,
+    "lenet5_half": lenet5_half,
     "vit_tiny": vit_tiny,
     "resnet18": resnet18,
     "resnet34": resnet34,
