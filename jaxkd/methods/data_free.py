@@ -323,6 +323,7 @@ class DataFreeDistillation:
         "generator_loss": generator_loss,
         "bn_layers": jnp.asarray(num_layers, jnp.int32),
         **{f"generator/{name}": value for name, value in parts.items()},
+        **_teacher_view(teacher_logits),
     }
     return state.replace(model_state=model_state), metrics
 
@@ -406,6 +407,31 @@ class DataFreeDistillation:
     return self.generator.apply(variables, noise, train=train)
 
 
+def _teacher_view(teacher_logits: jax.Array) -> dict[str, jax.Array]:
+  """How the teachers see a generated batch (``[K, B, C]`` logits).
+
+  * ``teacher/class_balance``: the entropy of the batch's mean ensemble
+    distribution over the classes divided by :math:`\\log C` (1: the batch
+    is spread evenly over the classes, 0: one class only), what DAFL's
+    information-entropy term pushes up;
+  * ``teacher/classes_seen``: how many classes are some image's argmax;
+  * ``teacher/confidence``: the mean of the ensemble's top probability.
+  """
+  log_ensemble = losses.ensemble_log_soft_targets(
+      teacher_logits.astype(jnp.float32))
+  num_classes = log_ensemble.shape[-1]
+  log_mean = jax.nn.logsumexp(log_ensemble, axis=0) - jnp.log(
+      log_ensemble.shape[0])
+  entropy = -jnp.sum(jnp.exp(log_mean) * log_mean)
+  counts = jnp.sum(
+      jax.nn.one_hot(jnp.argmax(log_ensemble, -1), num_classes), axis=0)
+  return {
+      "teacher/class_balance": entropy / jnp.log(num_classes),
+      "teacher/classes_seen": jnp.sum(counts > 0).astype(jnp.int32),
+      "teacher/confidence": jnp.mean(jnp.exp(jnp.max(log_ensemble, -1))),
+  }
+
+
 def make_data_free_step(
     distillation: DataFreeDistillation, *, donate: bool = True
 ) -> Callable[[DistillState], tuple[DistillState, dict]]:
@@ -415,9 +441,12 @@ def make_data_free_step(
   ``grad_norm``, ``nonfinite``) for the student, and ``generator_loss`` and
   its parts (``generator/bn_statistics``, ``generator/one_hot``,
   ``generator/information_entropy``, ``generator/activation``,
-  ``generator/discrepancy``) and ``bn_layers`` (the number of teacher
-  BatchNorm layers in the DeepInversion sum), all measured on the step's
-  generated images before the updates. The state is donated unless
+  ``generator/discrepancy``), ``bn_layers`` (the number of teacher
+  BatchNorm layers in the DeepInversion sum) and the teachers' view of the
+  batch (``teacher/class_balance``, ``teacher/classes_seen``,
+  ``teacher/confidence``), all measured on the step's generated images
+  before the updates; ``teacher_agreement`` is the student's agreement with
+  the teachers on them. The state is donated unless
   ``donate=False``.
   """
   return jax.jit(
