@@ -24,6 +24,11 @@ adversarial         KD + a discriminator of soft targets (KDGAN-style)
 data_free           DAFL / DeepInversion: a generator replaces the data
 self_distillation   teacher-free (virtual teacher) or born-again KD
 ==================  =========================================================
+
+A *variant* ``<method>:<variant>`` is the method with some of its settings
+changed: ``config.variants.<method>.<variant>`` holds the fields that differ
+from ``config.<method>`` (e.g. ``data_free:deep_inversion`` with the
+DeepInversion weight on), so one run can compare settings of one method.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Plan:
     teacher_is_student: The teacher has the student's architecture
       (born-again).
     data_free: Driven by ``jaxkd.data_free`` instead of the train step.
+    settings: The method's resolved sub-config (variant applied).
   """
 
   objective: tuple[objective.Term, ...]
@@ -64,6 +70,7 @@ class Plan:
   logits_only: bool = True
   teacher_is_student: bool = False
   data_free: bool = False
+  settings: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,8 +231,8 @@ def _adversarial(cfg, ctx):
 
 
 def _data_free(cfg, ctx):
-  del cfg, ctx
-  return Plan(objective=(), data_free=True, logits_only=False)
+  del ctx
+  return Plan(objective=(), data_free=True, logits_only=False, settings=cfg)
 
 
 _SELF_DISTILLATION_MODES = ("teacher_free", "born_again")
@@ -282,20 +289,59 @@ TEMPERATURE_METHODS = ("kd", "dkd", "multi_teacher", "perturbation",
                        "adversarial", "self_distillation", "crd")
 
 
-def check_method(name: str) -> Method:
-  """The registered method ``name``, or a ValueError listing them all."""
-  if name not in METHODS:
+def check_method(name: str,
+                 config: ml_collections.ConfigDict | None = None) -> Method:
+  """The registered method of ``name`` (``<method>`` or
+  ``<method>:<variant>``), or a ValueError listing what is known."""
+  base, _, variant = str(name).partition(":")
+  if base not in METHODS:
     raise ValueError(
-        f"Unknown method {name!r}. Known methods: {', '.join(METHODS)}."
+        f"Unknown method {base!r}. Known methods: {', '.join(METHODS)}."
     )
-  return METHODS[name]
+  if variant and config is not None:
+    known = _variants(config, base)
+    if variant not in known:
+      raise ValueError(
+          f"Unknown variant {variant!r} of method {base!r}: define"
+          f" config.variants.{base}.{variant} (known variants:"
+          f" {', '.join(known) or 'none'})."
+      )
+  return METHODS[base]
+
+
+def _variants(config: ml_collections.ConfigDict, base: str) -> list[str]:
+  variants = config.get("variants")
+  if variants is None or base not in variants:
+    return []
+  return sorted(variants[base])
+
+
+def method_config(config: ml_collections.ConfigDict,
+                  name: str) -> ml_collections.ConfigDict | None:
+  """``config.<method>`` with the fields of variant ``name`` applied."""
+  check_method(name, config)
+  base, _, variant = str(name).partition(":")
+  if base not in config:
+    return None
+  if not variant:
+    return config[base]
+  merged = ml_collections.ConfigDict(config[base].to_dict())
+  overrides = config.variants[base][variant]
+  for key, value in overrides.items():
+    if key not in merged:
+      raise ValueError(
+          f"config.variants.{base}.{variant}.{key}: {base!r} has no field"
+          f" {key!r} (fields: {', '.join(sorted(merged))})."
+      )
+    merged[key] = value
+  return merged
 
 
 def needs_teacher(name: str, config: ml_collections.ConfigDict) -> bool:
   """Whether method ``name`` needs trained teachers under ``config``."""
-  method = check_method(name)
-  if name == "self_distillation":
-    return config.self_distillation.mode == "born_again"
+  method = check_method(name, config)
+  if method.name == "self_distillation":
+    return method_config(config, name).mode == "born_again"
   return method.needs_teacher
 
 
@@ -306,9 +352,8 @@ def build(
     steps_per_epoch: int,
     temperature: Any = None,
 ) -> Plan:
-  """The :class:`Plan` of method ``name`` from ``config.<name>``."""
-  method = check_method(name)
-  sub_config = config[name] if name in config else None
+  """The :class:`Plan` of method ``name`` from its (variant's) sub-config."""
+  method = check_method(name, config)
   return method.build(
-      sub_config, BuildContext(steps_per_epoch=steps_per_epoch,
-                               temperature=temperature))
+      method_config(config, name),
+      BuildContext(steps_per_epoch=steps_per_epoch, temperature=temperature))

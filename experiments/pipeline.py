@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from experiments import loop as loop_lib
+from experiments import data_free as data_free_run
 from experiments import methods as methods_lib
 from experiments import train as train_lib
 from experiments import writers
@@ -88,9 +89,10 @@ def _method_detail(config: ml_collections.ConfigDict, method: str) -> str:
     return f"random shifts of up to {shift} px" if shift else ""
   if method == "baseline":
     return "labels only"
-  if method not in config:
+  sub = methods_lib.method_config(config, method)
+  if sub is None:
     return ""
-  sub = config[method].to_dict()
+  sub = sub.to_dict()
   keys = [k for k in ("mode", "temperature", "alpha", "beta", "weight",
                       "num_teachers", "noise_scale") if k in sub]
   return ", ".join(f"{k}={sub[k]}" for k in keys)
@@ -342,6 +344,53 @@ def _train_methods(ctx, methods: Sequence[str], seeds: Sequence[int]):
   return runs, trained
 
 
+def _data_free_samples(ctx, methods: Sequence[str],
+                       runs: Mapping[str, list[dict]], name: str,
+                       results_dir) -> str:
+  """What the data-free students' generators made: a table and a picture
+  (seed 0) written beside the results; "" without data-free methods."""
+  lines, panels = [], {}
+  for method in methods:
+    generated = [r["generated"] for r in runs.get(method, [])
+                 if "generated" in r]
+    if not generated:
+      continue
+    loaded = data_free_run.load_samples(ctx.workdir / "seed_0" / method)
+    if loaded is not None:
+      panels[method] = loaded
+    seeds = len(generated)
+    balance = _mean_std([g["class_balance"] for g in generated])
+    confidence = _mean_std([g["teacher_confidence"] for g in generated])
+    fmt = lambda ms: (f"{ms[0]:.3f}" if seeds < 2
+                      else f"{ms[0]:.3f} ± {ms[1]:.3f}")
+    histogram = " ".join(str(n) for n in generated[0]["class_histogram"])
+    lines.append(f"| {method} | {fmt(balance)} | {fmt(confidence)} |"
+                 f" {histogram} |")
+  if not lines:
+    return ""
+  picture = f"{name}_samples.png"
+  for directory in [ctx.workdir] + (
+      [pathlib.Path(results_dir)] if results_dir is not None else []):
+    if panels:
+      data_free_run.save_samples(directory / picture, panels)
+  images = generated[0]["images"]
+  text = [
+      "What the generators make, as the teacher sees"
+      f" {images} fresh generated images at the end of training: class"
+      " balance (entropy of the teacher's mean prediction / log C; 1 ="
+      " uniform over the classes), the teacher's mean top probability, and"
+      " how many images the teacher puts in each class (seed 0):",
+      "",
+      "| method | class balance | teacher confidence | class histogram"
+      " (seed 0) |",
+      "|---|---|---|---|",
+      *lines,
+  ]
+  if panels:
+    text += ["", f"![Generated images by the teacher's class]({picture})"]
+  return "\n".join(text)
+
+
 def _context(config, workdir, mode, context) -> train_lib.Context:
   train_lib.validate(config, mode)
   workdir = pathlib.Path(workdir)
@@ -404,11 +453,12 @@ def run_methods(
                 " initialisation and data order), last epoch; '2 std' uses the"
                 " larger of the two rows' standard deviations:\n\n" + gap_text)
   reading = render_reading(rows, gaps, config)
+  samples = _data_free_samples(ctx, methods, runs, name, results_dir)
   notes = config.pipeline.notes if mode == "pipeline" else ""
   write_results(
       name, title=name, summary=summary,
       table=render_table(rows, config.pipeline.latency_batch_size),
-      extra_sections=[gap_text, reading, notes],
+      extra_sections=[gap_text, reading, samples, notes],
       payload={"mode": mode, "rows": rows, "gaps": gaps,
                "config": config.to_dict()},
       command=command, wall_time_s=wall, results_dir=results_dir,

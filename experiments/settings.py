@@ -71,7 +71,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   if mode not in names:
     raise ValueError(f"Unknown mode {mode!r}; modes: {', '.join(names)}.")
   for name in names[mode]:
-    methods_lib.check_method(name)
+    methods_lib.check_method(name, config)
     methods_lib.build(name, config, steps_per_epoch=1)  # checks sub-config
   if mode == "sweep" and config.sweep.method not in (
       methods_lib.TEMPERATURE_METHODS):

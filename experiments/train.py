@@ -33,14 +33,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from experiments import loop as loop_lib
 from experiments import methods as methods_lib
 from experiments import model_checks
 from experiments import writers
 from jaxkd import checkpoint as checkpoint_lib
-from jaxkd.methods import data_free as data_free_lib
 from jaxkd import objective
 from jaxkd import teachers as teachers_lib
 from jaxkd.models import Model
@@ -85,7 +83,7 @@ def _finite(metrics: Mapping[str, Any]) -> bool:
           and bool(np.all(np.isfinite(loss))))
 
 
-def _evaluator(ctx: Context, eval_step) -> Callable[[Any], dict]:
+def evaluator(ctx: Context, eval_step) -> Callable[[Any], dict]:
   def evaluate(state):
     sums = [eval_step(state, ctx.put(b)) for b in ctx.data.eval_batches()]
     summary = summarize(jax.device_get(sums))
@@ -160,7 +158,7 @@ def _distillation_loop(ctx, *, name, run_dir, distillation, state, batches,
                                       lambda: make_eval_step(distillation))
   return loop_lib.Loop(
       name=name, run_dir=run_dir, step=step, batches=batches,
-      evaluate=_evaluator(ctx, eval_step), num_epochs=num_epochs,
+      evaluate=evaluator(ctx, eval_step), num_epochs=num_epochs,
       batch_size=ctx.data.batch_size, finite=_finite, labels=labels,
       to_checkpoint=(lambda s: s) if checkpoints else None,
       from_checkpoint=(lambda _, restored: restored) if checkpoints else None,
@@ -172,7 +170,7 @@ def teacher_epochs(config) -> int:
       config.num_epochs)
 
 
-def _run_result(*, role, name, method, model_name, seed, params,
+def run_result(*, role, name, method, model_name, seed, params,
                 history) -> dict:
   return {"role": role, "run": name, "method": method, "model": model_name,
           "seed": seed, "params": model_checks.count_params(params),
@@ -206,7 +204,7 @@ def train_teacher(ctx: Context, seed: int, index: int,
       num_epochs=epochs)
   loop.config = loop_lib.teacher_config(config.to_dict())
   state, history = loop_lib.run_loop(ctx, loop, state)
-  result = _run_result(role="teacher", name=name, method="labels",
+  result = run_result(role="teacher", name=name, method="labels",
                        model_name=model_name, seed=seed,
                        params=state.params["student"], history=history)
   writers.dump_json(run_dir / "results.json", result)
@@ -346,7 +344,8 @@ def preflight(ctx: Context, methods: Sequence[str], *,
                if isinstance(temperature, objective.Hyper) else None)
     try:
       if plan.data_free:
-        dfd = _data_free_spec(ctx, group)
+        from experiments import data_free  # pylint: disable=g-import-not-at-top
+        dfd = data_free.spec(ctx, group, plan.settings)
         jax.eval_shape(
             lambda v, d=dfd: d.init(jax.random.key(0), v,
                                     ctx.data.image_shape), variables)
@@ -392,7 +391,10 @@ def train_student(
   if teachers is not None and plan.num_teachers:
     teachers = teachers.take(plan.num_teachers)
   if plan.data_free:
-    return _train_data_free(ctx, seed, teachers, run_dir)
+    # The data-free runner builds on this module's pieces.
+    from experiments import data_free  # pylint: disable=g-import-not-at-top
+    return data_free.train(ctx, seed, method, plan.settings, teachers,
+                           run_dir)
   if not plan.num_teachers:
     teachers = None
   distillation = student_distillation(ctx, method, plan)
@@ -424,82 +426,10 @@ def train_student(
       state=state, batches=ctx.data.train_iterator(seed, extra=extra),
       num_epochs=config.num_epochs)
   state, history = loop_lib.run_loop(ctx, loop, state)
-  result = _run_result(role="student", name=name, method=method,
+  result = run_result(role="student", name=name, method=method,
                        model_name=config.student.model, seed=seed,
                        params=state.params["student"], history=history)
   result["offline_teacher_logits"] = offline
-  writers.dump_json(run_dir / "results.json", result)
-  return result, state
-
-
-# ---------------------------------------------------------------------------
-# Data-free runs.
-# ---------------------------------------------------------------------------
-
-
-def _data_free_spec(ctx: Context, group: teachers_lib.TeacherGroup
-                    ) -> data_free_lib.DataFreeDistillation:
-  config = ctx.config
-  cfg = config.data_free
-  spe = ctx.data.steps_per_epoch
-
-  def build():
-    return data_free_lib.DataFreeDistillation(
-        ctx.model(config.student.model), group,
-        data_free_lib.Generator(image_shape=ctx.data.image_shape,
-                                width=cfg.generator_width, output="linear"),
-        make_optimizer(config.optimizer, steps_per_epoch=spe,
-                       num_epochs=config.num_epochs),
-        optax.adam(cfg.generator_learning_rate),
-        noise_dim=cfg.noise_dim, batch_size=cfg.batch_size,
-        temperature=cfg.temperature, bn_weight=cfg.bn_weight,
-        one_hot_weight=cfg.one_hot_weight,
-        activation_weight=cfg.activation_weight,
-        entropy_weight=cfg.entropy_weight,
-        adversarial_weight=cfg.adversarial_weight)
-  return ctx.cached(("data_free", id(group)), build)
-
-
-def _train_data_free(ctx: Context, seed: int, teachers: Teachers,
-                     run_dir: pathlib.Path) -> tuple[dict, DistillState]:
-  config = ctx.config
-  cfg = config.data_free
-  spe = cfg.steps_per_epoch or ctx.data.steps_per_epoch
-  dfd = _data_free_spec(ctx, teachers.group)
-
-  def build():
-    return (data_free_lib.make_data_free_step(dfd),
-            make_eval_step(dfd.distillation))
-
-  step, eval_step = ctx.cached(("data_free_steps", id(dfd)), build)
-  init = ctx.cached(("data_free_init", id(dfd)), lambda: jax.jit(
-      dfd.init, static_argnums=2))
-  state = init(jax.random.key(seed), teachers.variables,
-               tuple(ctx.data.image_shape))
-  evaluate = _evaluator(ctx, eval_step)
-
-  def finite(metrics):
-    return bool(np.isfinite(metrics["loss"])
-                and np.isfinite(metrics["generator_loss"]))
-
-  def batches():
-    while True:
-      yield None
-
-  name = f"seed {seed} data_free ({config.student.model})"
-  save_config(ctx, run_dir, {"role": "student", "method": "data_free",
-                              "seed": seed, "model": config.student.model,
-                              "steps_per_epoch": spe})
-  loop = loop_lib.Loop(
-      name=name, run_dir=run_dir, step=lambda s, _: step(s),
-      batches=batches(), evaluate=evaluate,
-      num_epochs=config.num_epochs, batch_size=cfg.batch_size,
-      finite=finite, to_checkpoint=lambda s: s,
-      from_checkpoint=lambda _, restored: restored, steps_per_epoch=spe)
-  state, history = loop_lib.run_loop(ctx, loop, state)
-  result = _run_result(role="student", name=name, method="data_free",
-                       model_name=config.student.model, seed=seed,
-                       params=state.student_params, history=history)
   writers.dump_json(run_dir / "results.json", result)
   return result, state
 

@@ -79,7 +79,8 @@ def tiny(config, data_dir, **overrides):
 def test_every_config_is_tested():
   assert CONFIGS == [
       "cifar100_resnet32x4_resnet8x4", "cifar100_wrn40_2_wrn16_2",
-      "imagenet_resnet34_resnet18", "mnist5k_default", "mnist_hinton"]
+      "imagenet_resnet34_resnet18", "mnist5k_data_free", "mnist5k_default",
+      "mnist_hinton"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

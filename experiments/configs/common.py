@@ -143,9 +143,13 @@ def method_configs() -> dict[str, ml_collections.ConfigDict]:
                             discriminator_hidden=(64,),
                             discriminator_learning_rate=1e-3)),
       # DAFL / DeepInversion / DFAD (jaxkd.data_free): no real image.
+      # steps_per_epoch 0: the real data's; optimizer None: the student's
+      # `config.optimizer` (its schedule spans the data-free steps).
       "data_free": c(dict(noise_dim=128, batch_size=128, steps_per_epoch=0,
                           generator_learning_rate=1e-3,
-                          generator_width=64, temperature=4.0,
+                          generator_width=64, generator_output="normalized",
+                          generator_upsamplings=1, optimizer=None,
+                          temperature=4.0,
                           bn_weight=1.0, one_hot_weight=1.0,
                           activation_weight=0.1, entropy_weight=5.0,
                           adversarial_weight=0.0)),
@@ -197,6 +201,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.method = "kd"
   for name, method_config in method_configs().items():
     config[name] = method_config
+  # `<method>:<variant>` names: config.variants.<method>.<variant> holds the
+  # fields that differ from config.<method> (experiments/methods.py).
+  config.variants = ml_collections.ConfigDict()
   config.nonfinite = "stop"       # "stop": raise naming the step; "skip"
   config.data_parallel = True     # shard batches over every local device
   config.log_every_steps = 50
@@ -248,5 +255,6 @@ def runlocal(
   config.pipeline.latency_repeats = 3
   config.crd.queue_size = 64
   config.data_free.batch_size = 16
+  config.data_free.steps_per_epoch = 2
   config.multi_teacher.num_teachers = 2
   return config
