@@ -47,10 +47,7 @@ DEFAULT_PAIRS = "resnet32x4:resnet8x4,resnet110:resnet32"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m benchmarks.torch_reference",
-      description=__doc__.split("\n")[0],
-  )
+  parser = _common.new_parser(NAME, __doc__, pair=False)
   parser.add_argument(
       "--pairs", default=DEFAULT_PAIRS,
       help="Comma list of teacher:student pairs.",
@@ -327,17 +324,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
   summaries = summary(rows)
   results = {"config": {**vars(args), "pairs": [list(p) for p in args.pairs]},
              "rows": rows, "summary": summaries}
-  paths = _common.write_results(
-      name=args.name or NAME,
+  return _common.finish(
+      args, name=NAME,
       title="jaxkd vs PyTorch eager: distillation step",
-      env=env,
-      results=results,
+      env=env, results=results,
       sections=markdown(rows, summaries, args, torch_threads),
-      out_dir=args.out_dir,
-      note=args.note,
   )
-  print("wrote", *paths)
-  return results
 
 
 if __name__ == "__main__":

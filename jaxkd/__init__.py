@@ -16,7 +16,7 @@ nothing heavier; no import changes the environment):
 * ``methods``: distillation methods built on the engine (adversarial,
   mutual, data-free);
 * ``sharding``, ``checkpoint``, ``data``, ``sweep``, ``folding``,
-  ``adaptors``, ``cpu``.
+  ``adaptors``, ``cpu``, ``measure``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ _SUBMODULES = (
     "folding",
     "lm",
     "losses",
+    "measure",
     "methods",
     "models",
     "objective",
