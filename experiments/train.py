@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -41,6 +40,7 @@ from experiments import model_checks
 from experiments import writers
 from jaxkd import checkpoint as checkpoint_lib
 from jaxkd.methods import data_free as data_free_lib
+from jaxkd import measure
 from jaxkd import objective
 from jaxkd import teachers as teachers_lib
 from jaxkd.models import Model
@@ -216,18 +216,24 @@ def train_teacher(ctx: Context, seed: int, index: int,
 def evaluate_teachers(ctx: Context, group: teachers_lib.TeacherGroup,
                       variables: teachers_lib.TeacherVariables
                       ) -> list[float]:
-  """Each teacher's accuracy on the test split."""
-  forward = ctx.cached(("teacher_forward", id(group)), lambda: jax.jit(
-      lambda v, x: teachers_lib.apply_teachers(group, v, x).logits))
-  correct, count = 0.0, 0.0
-  for batch in ctx.data.eval_batches():
-    batch = ctx.put(batch)
-    logits = np.asarray(forward(variables, batch["image"]))
-    mask = np.asarray(batch["mask"], np.float64)
-    hits = np.argmax(logits, -1) == np.asarray(batch["label"])[None]
-    correct = correct + np.sum(hits * mask[None], axis=-1)
-    count += float(np.sum(mask))
-  return [float(c) for c in np.atleast_1d(correct / max(count, 1.0))]
+  """Each teacher's accuracy on the test split: the eval step's
+  ``teacher_accuracy``, with the first teacher standing in as the student
+  (so nothing is initialised)."""
+  distillation = ctx.cached(("teacher_eval", id(group)), lambda: Distillation(
+      student=group.model, objective=[objective.LabelTerm()],
+      optimizer=optax.identity(), teachers=[group]))
+  eval_step = ctx.cached(("eval_step", id(distillation)),
+                         lambda: make_eval_step(distillation))
+  first, first_state = _host_map(lambda x: x[0],
+                                 (variables.params, variables.state))
+  state = DistillState(
+      step=jnp.zeros((), jnp.int32),
+      params={"student": first, "terms": {}},
+      model_state={"student": first_state, "terms": {}},
+      opt_state=None, rng=jax.random.key_data(jax.random.key(0)),
+      teachers=(variables,))
+  accuracy = _evaluator(ctx, eval_step)(state)["test/teacher_accuracy"]
+  return [float(a) for a in np.atleast_1d(accuracy)]
 
 
 def teacher_name(seed: int) -> str:
@@ -530,13 +536,9 @@ def measure_latency(
   images, params, model_state = jax.device_put(
       (np.zeros((batch_size,) + tuple(image_shape), np.float32), params,
        model_state))
-  for _ in range(warmup):
-    forward(params, model_state, images).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    forward(params, model_state, images).block_until_ready()
-    times.append((time.perf_counter() - start) * 1e3)
+  times = 1e3 * np.asarray(measure.time_calls(
+      lambda: forward(params, model_state, images).block_until_ready(),
+      steps=repeats, warmup=warmup))
   return {"median_ms": float(np.median(times)),
           "p10_ms": float(np.percentile(times, 10)),
           "p90_ms": float(np.percentile(times, 90)),
