@@ -17,6 +17,7 @@ from experiments import loop
 from experiments import main as main_lib
 from experiments import methods
 from experiments import pipeline
+from experiments import stops
 from experiments import train
 from experiments.configs import common
 from jaxkd import checkpoint
@@ -374,12 +375,12 @@ def test_a_stop_names_the_bad_field_or_hyper_parameter():
   run = loop.Loop(name="run", run_dir=pathlib.Path("."), step=None,
                   batches=None, evaluate=None, num_epochs=1, batch_size=1,
                   finite=None)
-  message = loop._failure_message(  # pylint: disable=protected-access
+  message = stops.failure_message(
       run, {"loss": np.nan, "bad/label": 1, "bad/image": 0, "nonfinite": 1},
       7, 5)
   assert message.startswith("run: step 7 (epoch 2, batch 3 of 5) was not")
   assert "the batch's label holds bad values" in message
-  message = loop._failure_message(  # pylint: disable=protected-access
+  message = stops.failure_message(
       run, {"loss": np.nan, "invalid/kd.temperature": 1}, 0, 5)
   assert "hyper-parameter kd.temperature had an invalid value" in message
 
