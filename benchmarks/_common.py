@@ -12,13 +12,11 @@ per second are ``batch_size / median``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import datetime
-import importlib.metadata
 import json
 import os
 import pathlib
-import platform
 import resource
 import shlex
 import statistics
@@ -27,6 +25,7 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from jaxkd import cpu  # pylint: disable=g-bad-import-order
+from jaxkd import measure  # pylint: disable=g-bad-import-order
 
 # First, before anything starts a JAX backend: the measured XLA:CPU default.
 cpu.use_fast_cpu_defaults()
@@ -49,6 +48,8 @@ STRATEGIES = ("vmap", "scan", "unroll", "auto")
 # The bundled image classifiers (the language models take tokens).
 IMAGE_MODELS = tuple(n for n in models.available() if not n.startswith("lm_"))
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The packages whose versions a results file records.
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
 
 # The RepDistiller recipe the PyTorch reference uses too.
 LEARNING_RATE = 0.05
@@ -78,6 +79,33 @@ def str_list(text: str, choices: Sequence[str]) -> list[str]:
   if not values or bad:
     raise ValueError(f"Expected a comma list of {choices}; got {text!r}.")
   return values
+
+
+def new_parser(
+    name: str, doc: str, *, pair: bool = True
+) -> argparse.ArgumentParser:
+  """The parser of ``python -m benchmarks.<name>``, described by ``doc``.
+
+  With ``pair`` it has ``--student`` and ``--teacher`` (image model names,
+  default ``resnet8x4`` and ``resnet32x4``).
+  """
+  parser = argparse.ArgumentParser(
+      prog=f"python -m benchmarks.{name}", description=doc.split("\n")[0]
+  )
+  if pair:
+    parser.add_argument("--student", default="resnet8x4",
+                        choices=IMAGE_MODELS)
+    parser.add_argument("--teacher", default="resnet32x4",
+                        choices=IMAGE_MODELS)
+  return parser
+
+
+def add_dtype_flag(
+    parser, flag: str = "--dtype", *, default: str | None = "float32",
+    help: str | None = None,  # pylint: disable=redefined-builtin
+) -> None:
+  """A flag choosing one of :data:`DTYPES` by name."""
+  parser.add_argument(flag, choices=sorted(DTYPES), default=default, help=help)
 
 
 def add_common_flags(parser, *, steps: int = 5, rounds: int = 2) -> None:
@@ -119,6 +147,16 @@ class Timing:
   max_s: float
   steps: int
 
+  @classmethod
+  def of(cls, durations: Sequence[float]) -> "Timing":
+    """The median, minimum and maximum of ``durations`` (seconds)."""
+    return cls(
+        median_s=statistics.median(durations),
+        min_s=min(durations),
+        max_s=max(durations),
+        steps=len(durations),
+    )
+
   def samples_per_s(self, batch_size: int) -> dict[str, float]:
     return {
         "median": batch_size / self.median_s,
@@ -129,19 +167,7 @@ class Timing:
 
 def time_calls(run: Callable[[], Any], *, steps: int, warmup: int) -> Timing:
   """Times ``run`` (which must block until its work is done)."""
-  for _ in range(warmup):
-    run()
-  durations = []
-  for _ in range(max(steps, 1)):
-    start = time.perf_counter()
-    run()
-    durations.append(time.perf_counter() - start)
-  return Timing(
-      median_s=statistics.median(durations),
-      min_s=min(durations),
-      max_s=max(durations),
-      steps=len(durations),
-  )
+  return Timing.of(measure.time_calls(run, steps=steps, warmup=warmup))
 
 
 def time_interleaved(
@@ -157,19 +183,8 @@ def time_interleaved(
   durations: dict[str, list[float]] = {name: [] for name in runs}
   for _ in range(max(rounds, 1)):
     for name, run in runs.items():
-      for _ in range(max(steps, 1)):
-        start = time.perf_counter()
-        run()
-        durations[name].append(time.perf_counter() - start)
-  return {
-      name: Timing(
-          median_s=statistics.median(values),
-          min_s=min(values),
-          max_s=max(values),
-          steps=len(values),
-      )
-      for name, values in durations.items()
-  }
+      durations[name] += measure.time_calls(run, steps=steps, warmup=0)
+  return {name: Timing.of(values) for name, values in durations.items()}
 
 
 def memory_snapshot() -> dict[str, float | None]:
@@ -401,67 +416,18 @@ def flops_of(compiled) -> float | None:
 # ---------------------------------------------------------------------------
 
 
-def _version(package: str) -> str | None:
-  try:
-    return importlib.metadata.version(package)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _memory_total_gib() -> float | None:
-  try:
-    import psutil  # pylint: disable=g-import-not-at-top
-
-    return psutil.virtual_memory().total / 2**30
-  except ImportError:
-    return None
-
-
 def environment(module: str, argv: Sequence[str] | None) -> dict[str, Any]:
   """Machine, device, versions, command, date and load of this run."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  device = jax.devices()[0]
   try:
     load = list(os.getloadavg())
   except OSError:
     load = None
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"
-      ),
+      **measure.environment(packages=_VERSIONED),
       "command": " ".join(
           ["python", "-m", module] + [shlex.quote(a) for a in argv]
       ),
-      "machine": {
-          "platform": platform.platform(),
-          "cpu": _cpu_model(),
-          "logical_cores": os.cpu_count(),
-          "memory_gib": _memory_total_gib(),
-      },
-      "device": {
-          "backend": jax.default_backend(),
-          "kind": device.device_kind,
-          "count": jax.device_count(),
-      },
-      "versions": {
-          "python": platform.python_version(),
-          **{
-              name: _version(name)
-              for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
-          },
-      },
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "load_average_start": load,
   }
 
@@ -489,6 +455,29 @@ def spread(samples: dict[str, float]) -> str:
   return (
       f"{samples['median']:.1f} ({samples['min']:.1f}-{samples['max']:.1f})"
   )
+
+
+def finish(
+    args: argparse.Namespace,
+    *,
+    name: str,
+    out_dir: str | os.PathLike[str] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+  """Writes a run's results (:func:`write_results`), prints where; returns them.
+
+  The results file stem is ``args.name`` or ``name`` and the folder
+  ``out_dir`` or ``args.out_dir``; ``args.note`` is the note. ``fields``
+  are ``title``, ``env``, ``results`` and ``sections``.
+  """
+  paths = write_results(
+      name=args.name or name,
+      out_dir=args.out_dir if out_dir is None else out_dir,
+      note=args.note,
+      **fields,
+  )
+  print("wrote", *paths)
+  return fields["results"]
 
 
 def write_results(

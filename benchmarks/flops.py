@@ -30,18 +30,11 @@ NAME = "flops"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m benchmarks.flops", description=__doc__.split("\n")[0]
-  )
-  parser.add_argument("--student", default="resnet8x4",
-                      choices=_common.IMAGE_MODELS)
-  parser.add_argument("--teacher", default="resnet32x4",
-                      choices=_common.IMAGE_MODELS)
+  parser = _common.new_parser(NAME, __doc__)
   parser.add_argument("--batch_sizes", type=_common.int_list, default=[64, 128])
   parser.add_argument("--teachers", type=int, default=1,
                       help="K of the distillation step.")
-  parser.add_argument("--dtype", choices=sorted(_common.DTYPES),
-                      default="float32")
+  _common.add_dtype_flag(parser)
   parser.add_argument("--fold_teachers", action="store_true")
   parser.add_argument("--matmul_size", type=int, default=2048,
                       help="n of the [n, n] @ [n, n] ceiling product.")
@@ -194,16 +187,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   )
   results = {"config": vars(args), "ceiling": ceiling,
              "conv_ceiling": conv, "ceiling_flops_per_s": best, "rows": rows}
-  paths = _common.write_results(
-      name=args.name or NAME,
+  return _common.finish(
+      args, name=NAME,
       title=f"Achieved FLOP/s: {args.teacher} -> {args.student}"
       f" ({args.dtype})",
       env=env, results=results,
       sections=[("", config), ("FLOP/s", table)],
-      out_dir=args.out_dir, note=args.note,
   )
-  print("wrote", *paths)
-  return results
 
 
 if __name__ == "__main__":

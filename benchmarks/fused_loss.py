@@ -51,19 +51,16 @@ SPEED_RATIO_TARGET = 0.8  # fused / unfused tokens per second.
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m benchmarks.fused_loss",
-      description=__doc__.split("\n")[0],
-  )
+  parser = _common.new_parser(NAME, __doc__, pair=False)
   parser.add_argument("--vocab_sizes", type=_common.int_list,
                       default=[32768, 131072, 262144])
   parser.add_argument("--tokens", type=_common.int_list, default=[2048, 8192],
                       help="N = batch x length of the memory table.")
   parser.add_argument("--hidden_sizes", type=_common.int_list,
                       default=[1024, 4096])
-  parser.add_argument("--dtype", choices=sorted(_common.DTYPES),
-                      default="bfloat16",
-                      help="Hidden states' and heads' dtype (memory table).")
+  _common.add_dtype_flag(
+      parser, default="bfloat16",
+      help="Hidden states' and heads' dtype (memory table).")
   parser.add_argument("--ratio_vocab", type=int, default=131072,
                       help="V at which fused / unfused memory is reported.")
   parser.add_argument("--token_chunk", type=int, default=512)
@@ -71,10 +68,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--time_tokens", type=int, default=1024)
   parser.add_argument("--time_hidden", type=int, default=256)
   parser.add_argument("--time_vocab", type=int, default=32768)
-  parser.add_argument("--time_dtype", choices=sorted(_common.DTYPES),
-                      default="float32",
-                      help="dtype of the timed programs (XLA:CPU has no fast"
-                      " bfloat16 matmul).")
+  _common.add_dtype_flag(
+      parser, "--time_dtype",
+      help="dtype of the timed programs (XLA:CPU has no fast bfloat16"
+      " matmul).")
   parser.add_argument("--steps", type=int, default=3,
                       help="Timed calls per program and round.")
   parser.add_argument("--rounds", type=int, default=2)
@@ -365,15 +362,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   out_dir = _common.RESULTS_DIR if args.publish else pathlib.Path(
       args.workdir
   )
-  paths = _common.write_results(
-      name=args.name, title="Fused output-layer loss: memory and speed",
-      env=env, results=results, sections=sections(rows, summary, speed, args),
-      out_dir=out_dir, note=args.note,
-  )
   for _, body in sections(rows, summary, speed, args)[1:2]:
     print(body)
-  print("wrote", *paths)
-  return results
+  return _common.finish(
+      args, name=NAME, out_dir=out_dir,
+      title="Fused output-layer loss: memory and speed",
+      env=env, results=results, sections=sections(rows, summary, speed, args),
+  )
 
 
 if __name__ == "__main__":

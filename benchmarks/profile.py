@@ -72,13 +72,7 @@ TORCH_CATEGORIES = (
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m benchmarks.profile", description=__doc__.split("\n")[0]
-  )
-  parser.add_argument("--student", default="resnet8x4",
-                      choices=_common.IMAGE_MODELS)
-  parser.add_argument("--teacher", default="resnet32x4",
-                      choices=_common.IMAGE_MODELS)
+  parser = _common.new_parser(NAME, __doc__)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--no_torch", dest="torch", action="store_false",
                       help="Profile jaxkd only.")
@@ -351,14 +345,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
       results["torch"][program] = result
       print(f"  PyTorch {program}: {result['wall_ms']:.1f} ms per step",
             flush=True)
-  paths = _common.write_results(
-      name=args.name or NAME,
+  return _common.finish(
+      args, name=NAME,
       title=(f"Profile: where a step's time goes ({args.teacher} ->"
              f" {args.student}, batch {args.batch_size}, float32)"),
-      env=env, results=results, sections=markdown(args, results),
-      out_dir=args.out_dir, note=args.note)
-  print("wrote", *paths)
-  return results
+      env=env, results=results, sections=markdown(args, results))
 
 
 if __name__ == "__main__":

@@ -43,18 +43,11 @@ NAME = "scaling"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0]
-  )
-  parser.add_argument("--student", default="resnet8x4",
-                      choices=_common.IMAGE_MODELS)
-  parser.add_argument("--teacher", default="resnet32x4",
-                      choices=_common.IMAGE_MODELS)
+  parser = _common.new_parser(NAME, __doc__)
   parser.add_argument("--devices", type=_common.int_list, default=[1, 2, 4, 8])
   parser.add_argument("--per_device_batch", type=int, default=16)
   parser.add_argument("--teachers", type=int, default=1, help="K.")
-  parser.add_argument("--dtype", choices=sorted(_common.DTYPES),
-                      default="float32")
+  _common.add_dtype_flag(parser)
   _common.add_common_flags(parser)
   return parser.parse_args(argv)
 
@@ -165,15 +158,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
   )
   results = {"config": vars(args), "rows": rows, "skipped": skipped,
              "placement": helper, "fake_devices": fake}
-  paths = _common.write_results(
-      name=args.name or NAME,
+  return _common.finish(
+      args, name=NAME,
       title=f"Data-parallel scaling: {args.teacher} -> {args.student}",
       env=env, results=results,
       sections=[("", config), ("Scaling", table)],
-      out_dir=args.out_dir, note=args.note,
   )
-  print("wrote", *paths)
-  return results
 
 
 if __name__ == "__main__":

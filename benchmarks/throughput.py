@@ -51,13 +51,7 @@ NAME = "throughput"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0]
-  )
-  parser.add_argument("--student", default="resnet8x4",
-                      choices=_common.IMAGE_MODELS)
-  parser.add_argument("--teacher", default="resnet32x4",
-                      choices=_common.IMAGE_MODELS)
+  parser = _common.new_parser(NAME, __doc__)
   parser.add_argument("--batch_sizes", type=_common.int_list, default=[64, 128])
   parser.add_argument("--teachers", type=_common.int_list,
                       default=[1, 2, 4, 8], help="Values of K.")
@@ -66,13 +60,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       type=lambda s: _common.str_list(s, _common.STRATEGIES),
       default=list(_common.STRATEGIES),
   )
-  parser.add_argument("--dtype", choices=sorted(_common.DTYPES),
-                      default="float32",
-                      help="Compute dtype of the student (and by default of"
-                      " the teachers).")
-  parser.add_argument("--teacher_dtype", choices=sorted(_common.DTYPES),
-                      default=None,
-                      help="Compute dtype of the teachers (default: --dtype).")
+  _common.add_dtype_flag(
+      parser, help="Compute dtype of the student (and by default of the"
+      " teachers).")
+  _common.add_dtype_flag(
+      parser, "--teacher_dtype", default=None,
+      help="Compute dtype of the teachers (default: --dtype).")
   parser.add_argument("--fold_teachers", action="store_true",
                       help="Fold the teachers' BatchNorms (jaxkd.folding).")
   parser.add_argument("--no_offline", action="store_true",
@@ -308,17 +301,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(f"  B={t['batch_size']} K={t['teachers']}: overhead {overhead}{auto}")
   results = {"config": vars(args), "rows": rows, "targets": targets}
-  paths = _common.write_results(
-      name=args.name or NAME,
+  return _common.finish(
+      args, name=NAME,
       title=f"Throughput: {args.teacher} -> {args.student} ({args.dtype})",
-      env=env,
-      results=results,
-      sections=markdown(rows, targets, args),
-      out_dir=args.out_dir,
-      note=args.note,
+      env=env, results=results, sections=markdown(rows, targets, args),
   )
-  print("wrote", *paths)
-  return results
 
 
 if __name__ == "__main__":

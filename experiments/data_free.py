@@ -21,7 +21,8 @@ import numpy as np
 import optax
 
 from experiments import loop as loop_lib
-from experiments import train as train_lib
+from experiments import runs
+from experiments import teacher_runs
 from experiments import writers
 from experiments.context import Context
 from experiments.settings import make_optimizer
@@ -73,7 +74,7 @@ def spec(ctx: Context, group: teachers_lib.TeacherGroup,
 
 
 def train(ctx: Context, seed: int, method: str,
-          cfg: ml_collections.ConfigDict, teachers: train_lib.Teachers,
+          cfg: ml_collections.ConfigDict, teachers: teacher_runs.Teachers,
           run_dir: pathlib.Path) -> tuple[dict, DistillState]:
   """Trains the data-free student of ``seed``; returns results and state."""
   config = ctx.config
@@ -89,7 +90,7 @@ def train(ctx: Context, seed: int, method: str,
       dfd.init, static_argnums=2))
   state = init(jax.random.key(seed), teachers.variables,
                tuple(ctx.data.image_shape))
-  evaluate = train_lib.evaluator(ctx, eval_step)
+  evaluate = runs.evaluator(ctx, eval_step)
 
   def finite(metrics):
     return bool(np.isfinite(metrics["loss"])
@@ -100,7 +101,7 @@ def train(ctx: Context, seed: int, method: str,
       yield None
 
   name = f"seed {seed} {method} ({config.student.model})"
-  train_lib.save_config(ctx, run_dir, {
+  runs.save_config(ctx, run_dir, {
       "role": "student", "method": method, "seed": seed,
       "model": config.student.model, "steps_per_epoch": spe,
       "data_free": cfg.to_dict()})
@@ -111,7 +112,7 @@ def train(ctx: Context, seed: int, method: str,
       finite=finite, to_checkpoint=lambda s: s,
       from_checkpoint=lambda _, restored: restored, steps_per_epoch=spe)
   state, history = loop_lib.run_loop(ctx, loop, state)
-  result = train_lib.run_result(
+  result = runs.run_result(
       role="student", name=name, method=method,
       model_name=config.student.model, seed=seed,
       params=state.student_params, history=history)

@@ -24,14 +24,18 @@ import dataclasses
 import logging
 import pathlib
 import signal
-import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from experiments import stops as stops_lib
 from experiments import writers
+# Re-exported: the exceptions run_loop raises.
+from experiments.stops import NonFiniteLossError  # pylint: disable=g-bad-import-order
+from experiments.stops import Preempted  # pylint: disable=g-bad-import-order
+from experiments.stops import WriteFailed  # pylint: disable=g-bad-import-order
 from jaxkd import checkpoint as checkpoint_lib
 from jaxkd.state import DistillState
 
@@ -58,10 +62,6 @@ RESUMABLE_CHANGES = (
 # What a teacher's run does not depend on: the student's side of the config.
 _STUDENT_ONLY = ("student", "optimizer", "method", "offline_teacher",
                  "pipeline", "sweep", "compare")
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss (or a gradient) of a step was NaN or infinite."""
 
 
 @dataclasses.dataclass
@@ -138,100 +138,6 @@ def _mean_metrics(host: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
                      axis=0) for k in keys}
 
 
-def _failure_message(loop: Loop, metrics: Mapping[str, Any], step: int,
-                     spe: int) -> str:
-  """Why step ``step`` was not applied: bad data, a bad hyper-parameter or a
-  non-finite loss, named."""
-  where = (f"{loop.name}: step {step} (epoch {step // spe + 1}, batch"
-           f" {step % spe + 1} of {spe}) was not applied")
-  fields = sorted(k.removeprefix("bad/") for k, v in metrics.items()
-                  if k.startswith("bad/") and np.any(np.asarray(v) > 0))
-  if fields:
-    return (f"{where}: the batch's {', '.join(fields)} holds bad values"
-            " (labels outside [0, num_classes), NaN or inf inputs or cached"
-            " teacher outputs). Fix the data, or set `nonfinite='skip'` to"
-            " skip and count such batches.")
-  invalid = sorted(k.removeprefix("invalid/") for k, v in metrics.items()
-                   if k.startswith("invalid/") and np.any(np.asarray(v) > 0))
-  if invalid:
-    return (f"{where}: the hyper-parameter {', '.join(invalid)} had an"
-            " invalid value (a temperature must be finite and > 0, a weight"
-            " finite and >= 0).")
-  value = np.asarray(metrics.get(loop.loss_key, np.nan))
-  return (f"{where}: the loss or a gradient is not finite;"
-          f" {loop.loss_key}={value}. Lower the learning rate, or set"
-          " `nonfinite='skip'` to skip such steps.")
-
-
-def _first_nonfinite(host, finite) -> int | None:
-  for i, metrics in enumerate(host):
-    if not finite(metrics):
-      return i
-  return None
-
-
-class WriteFailed(SystemExit):
-  """A log or checkpoint could not be written (a full disk, say).
-
-  A ``SystemExit`` whose code is the one-line message: uncaught, Python
-  prints it and exits with status 1, without a traceback. Nothing written
-  before is lost; rerunning the command resumes from the latest checkpoint.
-  """
-
-  def __init__(self, message: str):
-    super().__init__(message)
-    self.message = message
-
-  def __str__(self) -> str:
-    return self.message
-
-
-class Preempted(SystemExit):
-  """SIGTERM or SIGINT stopped the run after a step, checkpoint written.
-
-  A ``SystemExit`` with code 0: uncaught, the process exits 0. The next
-  start resumes from the checkpoint (with the steps not yet logged), and
-  goes on exactly as the uninterrupted run would have.
-  """
-
-  def __init__(self, message: str, *, step: int):
-    super().__init__(0)
-    self.message, self.step = message, step
-
-  def __str__(self) -> str:
-    return self.message
-
-
-class _StopRequests:
-  """Turns SIGTERM and SIGINT into a request to stop after the step.
-
-  Installed while a loop runs, in the main thread only; a second SIGINT
-  interrupts at once (``KeyboardInterrupt``).
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.signum: int | None = None
-    self._previous = {}
-
-  def _handle(self, signum, frame) -> None:
-    del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signum = signum
-
-  def __enter__(self) -> _StopRequests:
-    if threading.current_thread() is threading.main_thread():
-      for signum in self.SIGNALS:
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-
-
 _WRITE_ERRORS = (writers.LogWriteError, checkpoint_lib.CheckpointWriteError)
 # Where a mid-epoch checkpoint keeps the host metrics not yet logged.
 _PROGRESS_KEY = "loop_progress"
@@ -251,20 +157,6 @@ def _open_checkpointer(loop: Loop,
 
 def _has_events(logdir: pathlib.Path) -> bool:
   return logdir.is_dir() and any(logdir.glob("events.out.tfevents.*"))
-
-
-def _write_failed(loop: Loop, error: OSError,
-                  checkpointer: checkpoint_lib.Checkpointer | None
-                  ) -> WriteFailed:
-  if checkpointer is None:
-    resume = "rerunning the command starts the run again"
-  else:
-    latest = checkpointer.latest_step()
-    resume = ("rerunning the command starts the run again" if latest is None
-              else f"rerun the command to resume from step {latest}"
-                   f" ({checkpointer.directory})")
-  return WriteFailed(f"{loop.name}: stopped: {error}. Nothing older was"
-                     f" lost; {resume}.")
 
 
 def run_loop(ctx: Any, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
@@ -295,7 +187,7 @@ def run_loop(ctx: Any, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
   outputs = {}  # the event writer and the progress bar, once open
   stopped = None
   try:
-    with _StopRequests() as stops:
+    with stops_lib.StopRequests() as stops:
       result = _train(ctx, loop, state, log, checkpointer, outputs, stops)
     error = None
   except _WRITE_ERRORS as e:
@@ -307,7 +199,7 @@ def run_loop(ctx: Any, loop: Loop, state: Any) -> tuple[Any, list[dict]]:
     raise
   error = _close(outputs, checkpointer) or error
   if error is not None:
-    raise _write_failed(loop, error, checkpointer) from error
+    raise stops_lib.write_failed(loop, error, checkpointer) from error
   if stopped is not None:
     logger.warning("%s", stopped.message)
     raise stopped
@@ -330,7 +222,7 @@ def _close(outputs: dict, checkpointer) -> OSError | None:
 
 def _train(ctx, loop: Loop, state, log: writers.JsonlWriter,
            checkpointer: checkpoint_lib.Checkpointer | None,
-           outputs: dict, stops: _StopRequests) -> tuple[Any, list[dict]]:
+           outputs: dict, stops: stops_lib.StopRequests) -> tuple[Any, list[dict]]:
   import tqdm  # pylint: disable=g-import-not-at-top
 
   config = ctx.config
@@ -386,9 +278,9 @@ def _train(ctx, loop: Loop, state, log: writers.JsonlWriter,
       continue
     host = jax.device_get(pending)
     first = step + 1 - len(host)
-    bad = _first_nonfinite(host, loop.finite)
+    bad = stops_lib.first_nonfinite(host, loop.finite)
     if bad is not None and config.nonfinite == "stop":
-      raise NonFiniteLossError(_failure_message(
+      raise NonFiniteLossError(stops_lib.failure_message(
           loop, host[bad], first + bad, spe))
     n_bad = sum(not loop.finite(m) for m in host)
     skipped += n_bad

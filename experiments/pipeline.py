@@ -22,10 +22,8 @@ from these files.
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import os
 import pathlib
-import platform
 import time
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +36,7 @@ from experiments import data_free as data_free_run
 from experiments import methods as methods_lib
 from experiments import train as train_lib
 from experiments import writers
+from jaxkd import measure
 from jaxkd import objective
 from jaxkd import sharding
 from jaxkd import sweep as sweep_lib
@@ -51,22 +50,17 @@ _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
 
 def environment() -> dict[str, Any]:
   """Date, machine, device and package versions, for a results file."""
-  versions = {"python": platform.python_version()}
-  for package in _VERSIONED:
-    try:
-      versions[package] = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  device = jax.devices()[0]
+  env = measure.environment(packages=_VERSIONED)
+  machine, device = env["machine"], env["device"]
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+      "date": datetime.datetime.fromisoformat(env["date"]).strftime(
           "%Y-%m-%d %H:%M UTC"),
-      "machine": f"{platform.system()} {platform.machine()},"
-                 f" {os.cpu_count()} CPU cores",
-      "device": f"{jax.default_backend()}: {device.device_kind}"
-                f" (x{jax.device_count()})",
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "versions": versions,
+      "machine": f"{machine['system']} {machine['architecture']},"
+                 f" {machine['logical_cores']} CPU cores",
+      "device": f"{device['backend']}: {device['kind']}"
+                f" (x{device['count']})",
+      "xla_flags": env["xla_flags"],
+      "versions": {k: v for k, v in env["versions"].items() if v is not None},
   }
 
 

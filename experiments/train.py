@@ -16,6 +16,10 @@ student's results. The pieces are public for ``experiments/pipeline.py``:
   from the run's latest checkpoint);
 * :func:`measure_latency`.
 
+The teachers' runs live in :mod:`experiments.teacher_runs` and what every
+run shares (first state, loop, results) in :mod:`experiments.runs`; their
+public names are re-exported here.
+
 Each run directory holds ``config.json`` (the resolved config),
 ``metrics.jsonl`` (train metrics every ``log_every_steps`` and one line per
 epoch with the test metrics), ``tensorboard/`` (event files),
@@ -24,10 +28,8 @@ epoch with the test metrics), ``tensorboard/`` (event files),
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
-import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,17 +38,14 @@ import numpy as np
 
 from experiments import loop as loop_lib
 from experiments import methods as methods_lib
-from experiments import model_checks
+from experiments import runs
 from experiments import writers
-from jaxkd import checkpoint as checkpoint_lib
+from jaxkd import measure
 from jaxkd import objective
 from jaxkd import teachers as teachers_lib
 from jaxkd.models import Model
 from jaxkd.state import DistillState
 from jaxkd.train_step import Distillation
-from jaxkd.train_step import make_eval_step
-from jaxkd.train_step import make_train_step
-from jaxkd.train_step import summarize
 
 # Re-exported: experiments/pipeline.py and the tests use them as train.*.
 from experiments.context import Context  # pylint: disable=g-bad-import-order
@@ -54,236 +53,29 @@ from experiments.context import _views  # pylint: disable=g-bad-import-order
 from experiments.settings import describe_config  # pylint: disable=g-bad-import-order
 from experiments.settings import make_optimizer  # pylint: disable=g-bad-import-order
 from experiments.settings import validate  # pylint: disable=g-bad-import-order
+from experiments.runs import init_state  # pylint: disable=g-bad-import-order
+from experiments.runs import save_config  # pylint: disable=g-bad-import-order
+from experiments.teacher_runs import evaluate_teachers  # pylint: disable=g-bad-import-order
+from experiments.teacher_runs import get_teachers  # pylint: disable=g-bad-import-order
+from experiments.teacher_runs import teacher_epochs  # pylint: disable=g-bad-import-order
+from experiments.teacher_runs import teacher_logits_on_train  # pylint: disable=g-bad-import-order
+from experiments.teacher_runs import teacher_name  # pylint: disable=g-bad-import-order
+from experiments.teacher_runs import Teachers  # pylint: disable=g-bad-import-order
+from experiments.teacher_runs import train_teacher  # pylint: disable=g-bad-import-order
 
 # ---------------------------------------------------------------------------
-# Runs of the distillation engine.
+# Students.
 # ---------------------------------------------------------------------------
-
-
-def init_state(ctx: Context, distillation: Distillation, key: jax.Array,
-               sample_batch: Mapping[str, Any],
-               teacher_variables: Sequence[Any] = ()) -> DistillState:
-  """``distillation.init`` as one compiled program.
-
-  Run eagerly, Flax's initialisation dispatches (and compiles) every random
-  initialiser and layer on its own: hundreds of small compilations for a
-  ResNet. Under ``jit`` it is one program, and the validating trace of the
-  step happens all the same (at trace time, before compiling).
-  """
-  init = ctx.cached(("init", id(distillation)),
-                    lambda: jax.jit(distillation.init))
-  return init(key, dict(sample_batch), tuple(teacher_variables))
-
-
-def _finite(metrics: Mapping[str, Any]) -> bool:
-  flag = np.asarray(metrics.get("nonfinite", 0))
-  bad = np.asarray(metrics.get("bad_batch", 0))
-  loss = np.asarray(metrics.get("loss", 0.0))
-  return (not np.any(flag > 0) and not np.any(bad > 0)
-          and bool(np.all(np.isfinite(loss))))
-
-
-def evaluator(ctx: Context, eval_step) -> Callable[[Any], dict]:
-  def evaluate(state):
-    sums = [eval_step(state, ctx.put(b)) for b in ctx.data.eval_batches()]
-    summary = summarize(jax.device_get(sums))
-    return {f"test/{k}": v for k, v in summary.items()}
-  return evaluate
-
-
-def save_config(ctx: Context, run_dir: pathlib.Path,
-                 resolved: Mapping[str, Any]) -> None:
-  run_dir.mkdir(parents=True, exist_ok=True)
-  writers.dump_json(run_dir / "config.json", {
-      "config": ctx.config.to_dict(),
-      "resolved": dict(resolved),
-  })
-
-
-def teacher_logits_on_train(ctx: Context, group: teachers_lib.TeacherGroup,
-                    variables: teachers_lib.TeacherVariables) -> np.ndarray:
-  """The teachers' logits on the in-memory training split, ``[N, K, C]``."""
-  images, _ = ctx.data.train_arrays()
-  forward = ctx.cached(("teacher_forward", id(group)), lambda: jax.jit(
-      lambda v, x: teachers_lib.apply_teachers(group, v, x).logits))
-  size = ctx.data.eval_batch_size
-  out = []
-  for start in range(0, len(images), size):
-    chunk = images[start:start + size]
-    pad = size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:],
-                                              chunk.dtype)])
-    logits = np.asarray(forward(variables, ctx.put({"x": chunk})["x"]))
-    out.append(logits[:, :size - pad])
-  return np.moveaxis(np.concatenate(out, axis=1), 0, 1)
-
-
-def _host_map(fn: Callable[..., np.ndarray], *trees: Any) -> Any:
-  """``fn`` on the host copies of the leaves (slicing and stacking small
-  trees on the device would compile one program per leaf shape)."""
-  return jax.tree.map(
-      lambda *xs: jax.device_put(fn(*[np.asarray(x) for x in xs])), *trees)
-
-
-@dataclasses.dataclass
-class Teachers:
-  """A teacher group and its stacked variables, with their runs' results."""
-
-  group: teachers_lib.TeacherGroup
-  variables: teachers_lib.TeacherVariables
-  results: list[dict]
-  model_name: str
-  born_again: bool = False  # the baseline student serves as the teacher
-
-  def take(self, count: int) -> Teachers:
-    """The first ``count`` teachers."""
-    if count == teachers_lib.num_stacked(self.variables.params):
-      return self
-    variables = _host_map(lambda x: x[:count], self.variables)
-    return dataclasses.replace(self, variables=variables,
-                               results=self.results[:count])
-
-
-def _state_pair(state: DistillState):
-  return state.params["student"], state.model_state["student"]
-
-
-def _distillation_loop(ctx, *, name, run_dir, distillation, state, batches,
-                       num_epochs, labels=None, checkpoints=True,
-                       step=None, eval_step=None):
-  step = step or ctx.cached(("train_step", id(distillation)),
-                            lambda: make_train_step(distillation))
-  eval_step = eval_step or ctx.cached(("eval_step", id(distillation)),
-                                      lambda: make_eval_step(distillation))
-  return loop_lib.Loop(
-      name=name, run_dir=run_dir, step=step, batches=batches,
-      evaluate=evaluator(ctx, eval_step), num_epochs=num_epochs,
-      batch_size=ctx.data.batch_size, finite=_finite, labels=labels,
-      to_checkpoint=(lambda s: s) if checkpoints else None,
-      from_checkpoint=(lambda _, restored: restored) if checkpoints else None,
-  )
-
-
-def teacher_epochs(config) -> int:
-  return config.teacher.num_epochs if config.teacher.num_epochs >= 0 else (
-      config.num_epochs)
-
-
-def run_result(*, role, name, method, model_name, seed, params,
-                history) -> dict:
-  return {"role": role, "run": name, "method": method, "model": model_name,
-          "seed": seed, "params": model_checks.count_params(params),
-          **loop_lib.summarize_history(history)}
-
-
-def train_teacher(ctx: Context, seed: int, index: int,
-                  run_dir: pathlib.Path) -> tuple[DistillState, dict]:
-  """Trains teacher ``index`` of ``seed`` on the labels."""
-  config = ctx.config
-  model_name = config.teacher.model
-  epochs = teacher_epochs(config)
-  spe = ctx.data.steps_per_epoch
-  distillation = ctx.cached(("teacher", model_name), lambda: Distillation(
-      student=ctx.model(model_name),
-      objective=[objective.LabelTerm()],
-      optimizer=make_optimizer(config.teacher.optimizer,
-                               steps_per_epoch=spe, num_epochs=epochs),
-      views=_views(config.teacher.shift_pixels),
-      nonfinite="skip"))
-  run_seed = seed + 1000 * index
-  state = ctx.place(init_state(ctx, distillation, jax.random.key(run_seed),
-                                ctx.data.sample_batch()))
-  name = f"seed {seed} teacher {index} ({model_name})"
-  save_config(ctx, run_dir, {"role": "teacher", "seed": run_seed,
-                              "model": model_name, "num_epochs": epochs,
-                              "steps_per_epoch": spe})
-  loop = _distillation_loop(
-      ctx, name=name, run_dir=run_dir, distillation=distillation,
-      state=state, batches=ctx.data.train_iterator(run_seed),
-      num_epochs=epochs)
-  loop.config = loop_lib.teacher_config(config.to_dict())
-  state, history = loop_lib.run_loop(ctx, loop, state)
-  result = run_result(role="teacher", name=name, method="labels",
-                       model_name=model_name, seed=seed,
-                       params=state.params["student"], history=history)
-  writers.dump_json(run_dir / "results.json", result)
-  return state, result
-
-
-def evaluate_teachers(ctx: Context, group: teachers_lib.TeacherGroup,
-                      variables: teachers_lib.TeacherVariables
-                      ) -> list[float]:
-  """Each teacher's accuracy on the test split."""
-  forward = ctx.cached(("teacher_forward", id(group)), lambda: jax.jit(
-      lambda v, x: teachers_lib.apply_teachers(group, v, x).logits))
-  correct, count = 0.0, 0.0
-  for batch in ctx.data.eval_batches():
-    batch = ctx.put(batch)
-    logits = np.asarray(forward(variables, batch["image"]))
-    mask = np.asarray(batch["mask"], np.float64)
-    hits = np.argmax(logits, -1) == np.asarray(batch["label"])[None]
-    correct = correct + np.sum(hits * mask[None], axis=-1)
-    count += float(np.sum(mask))
-  return [float(c) for c in np.atleast_1d(correct / max(count, 1.0))]
-
-
-def teacher_name(seed: int) -> str:
-  return f"teacher_seed{seed}"
-
-
-def get_teachers(ctx: Context, seed: int, num_teachers: int) -> Teachers:
-  """Loads ``config.teacher.load``, or trains ``num_teachers`` teachers of
-  ``seed`` (resuming their runs) and saves them under
-  ``<workdir>/teachers/teacher_seed<seed>``."""
-  config = ctx.config
-  model_name = config.teacher.model
-  group = ctx.group(model_name)
-  if config.teacher.load:
-    directory = config.teacher.load_dir or ctx.workdir
-    variables = checkpoint_lib.load_teachers(directory, config.teacher.load)
-    first, first_state = _host_map(lambda x: x[0],
-                                   (variables.params, variables.state))
-    model_checks.check_input_shape(
-        group.model, ctx.data.image_shape, params=first, state=first_state,
-        where=(f"Teachers {config.teacher.load!r} loaded from {directory}"
-               f" on data set {ctx.data.spec.name!r}"))
-    count = teachers_lib.num_stacked(variables.params)
-    if count < num_teachers:
-      raise ValueError(
-          f"Teachers {config.teacher.load!r} hold {count} teachers; the"
-          f" methods need {num_teachers}.")
-    accuracies = evaluate_teachers(ctx, group, variables)
-    results = [{"role": "teacher", "run": f"loaded {config.teacher.load}",
-                "method": "labels", "model": model_name, "seed": seed,
-                "params": model_checks.count_params(first),
-                "best_accuracy": accuracy, "last_accuracy": accuracy,
-                "best_epoch": 0, "epochs": 0, "steps": 0}
-               for accuracy in accuracies]
-    return Teachers(group, variables, results, model_name)
-  states, results = [], []
-  for index in range(num_teachers):
-    state, result = train_teacher(
-        ctx, seed, index, ctx.workdir / f"seed_{seed}" / f"teacher_{index}")
-    states.append(state)
-    results.append(result)
-  stack = lambda *xs: np.stack(xs)
-  variables = teachers_lib.TeacherVariables(
-      params=_host_map(stack, *[s.params["student"] for s in states]),
-      state=_host_map(stack, *[s.model_state["student"] for s in states]))
-  checkpoint_lib.save_teachers(ctx.workdir, teacher_name(seed), variables,
-                               overwrite=True)
-  return Teachers(group, variables, results, model_name)
 
 
 def born_again_teacher(ctx: Context, seed: int) -> Teachers:
   """The student's own architecture trained on labels: the baseline run."""
   result, state = train_student(ctx, seed, "baseline", None)
-  params, model_state = _state_pair(state)
+  params, model_state = runs.state_pair(state)
   group = ctx.born_again_group()
   variables = teachers_lib.TeacherVariables(
-      params=_host_map(lambda x: x[None], params),
-      state=_host_map(lambda x: x[None], model_state))
+      params=runs.host_map(lambda x: x[None], params),
+      state=runs.host_map(lambda x: x[None], model_state))
   return Teachers(group, variables, [result], ctx.config.student.model,
                   born_again=True)
 
@@ -421,12 +213,12 @@ def train_student(
       "teachers": None if teachers is None else [
           r.get("run") for r in teachers.results],
       "objective": [repr(t) for t in plan.objective]})
-  loop = _distillation_loop(
+  loop = runs.distillation_loop(
       ctx, name=name, run_dir=run_dir, distillation=distillation,
       state=state, batches=ctx.data.train_iterator(seed, extra=extra),
       num_epochs=config.num_epochs)
   state, history = loop_lib.run_loop(ctx, loop, state)
-  result = run_result(role="student", name=name, method=method,
+  result = runs.run_result(role="student", name=name, method=method,
                        model_name=config.student.model, seed=seed,
                        params=state.params["student"], history=history)
   result["offline_teacher_logits"] = offline
@@ -460,13 +252,9 @@ def measure_latency(
   images, params, model_state = jax.device_put(
       (np.zeros((batch_size,) + tuple(image_shape), np.float32), params,
        model_state))
-  for _ in range(warmup):
-    forward(params, model_state, images).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    forward(params, model_state, images).block_until_ready()
-    times.append((time.perf_counter() - start) * 1e3)
+  times = 1e3 * np.asarray(measure.time_calls(
+      lambda: forward(params, model_state, images).block_until_ready(),
+      steps=repeats, warmup=warmup))
   return {"median_ms": float(np.median(times)),
           "p10_ms": float(np.percentile(times, 10)),
           "p90_ms": float(np.percentile(times, 90)),

@@ -17,7 +17,7 @@ nothing heavier; no import changes the environment):
   mutual, data-free);
 * ``sharding``, ``distributed`` (multi-process runs whose survivors exit
   cleanly when a peer dies), ``checkpoint``, ``data``, ``sweep``,
-  ``folding``, ``adaptors``, ``cpu``.
+  ``folding``, ``adaptors``, ``cpu``, ``measure``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ _SUBMODULES = (
     "folding",
     "lm",
     "losses",
+    "measure",
     "methods",
     "models",
     "objective",

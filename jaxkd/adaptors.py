@@ -62,12 +62,16 @@ def _compute_dtype(module: nn.Module) -> jnp.dtype:
   return jnp.dtype(jnp.float64 if wide else jnp.float32)
 
 
-def _check_floating_input(module: nn.Module, x: Array) -> None:
+def _checked_input(module: nn.Module, x: Any) -> Array:
+  """``x`` as an array after checking ``module.features`` and ``x``'s dtype."""
+  _check_features(module)
+  x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
         f"The input of {type(module).__name__} must be a floating array, got"
         f" dtype {x.dtype}."
     )
+  return x
 
 
 class ConvAdaptor(nn.Module):
@@ -150,9 +154,7 @@ class ConvAdaptor(nn.Module):
     Returns:
       The projection, shape ``[batch, height, width, features]``.
     """
-    _check_features(self)
-    x = jnp.asarray(x)
-    _check_floating_input(self, x)
+    x = _checked_input(self, x)
     if x.ndim != 4:
       raise ValueError(
           "ConvAdaptor expects NHWC features of shape [batch, height, width,"
@@ -254,9 +256,7 @@ class LinearAdaptor(nn.Module):
       The projection, shape ``[..., features]``.
     """
     del train  # No batch statistics.
-    _check_features(self)
-    x = jnp.asarray(x)
-    _check_floating_input(self, x)
+    x = _checked_input(self, x)
     if x.ndim < 1:
       raise ValueError(
           "LinearAdaptor expects features of shape [..., D_s], got a scalar."

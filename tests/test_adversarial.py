@@ -30,16 +30,6 @@ def trained_teachers(k: int = 2):
   return teachers.TeacherGroup.create(TEACHER, params, states)
 
 
-def run(spec, batches, variables, key=0):
-  state = spec.init(jax.random.key(key), batches[0], [variables])
-  step = train_step.make_train_step(spec, donate=False)
-  history = []
-  for batch in batches:
-    state, metrics = step(state, batch)
-    history.append(jax.tree.map(np.asarray, metrics))
-  return state, history
-
-
 def decreases(history, key, n=4):
   first = np.mean([m[key] for m in history[:n]])
   last = np.mean([m[key] for m in history[-n:]])
@@ -56,7 +46,7 @@ def test_discriminator_lives_in_term_state_not_in_student_params():
   )
   start = spec.init(jax.random.key(0), BATCHES[0], [variables])
   before = jax.tree.map(np.array, start)
-  state, history = run(spec, BATCHES[:3], variables)
+  state, history = tiny.run_steps(spec, BATCHES[:3], [variables])
   d_state = state.model_state["terms"]["adversarial"]
   assert set(d_state) == {"params", "opt_state"}
   changed = jax.tree.map(
@@ -91,7 +81,7 @@ def test_discriminator_learns_while_the_student_is_frozen():
           teacher=1)],
       optimizer=optax.sgd(0.0),
   )
-  state, history = run(spec, BATCHES, variables)
+  state, history = tiny.run_steps(spec, BATCHES, [variables])
   first, last = decreases(history, "adversarial/d_loss")
   assert last < first, (first, last)
   assert history[-1]["adversarial/d_accuracy"] > 0.75

@@ -17,12 +17,14 @@ from experiments import loop
 from experiments import main as main_lib
 from experiments import methods
 from experiments import pipeline
+from experiments import stops
 from experiments import train
 from experiments.configs import common
 from jaxkd import checkpoint
 from jaxkd import data
 from jaxkd import models
 from jaxkd import teachers as teachers_lib
+from tests import tiny as tiny_lib
 from tools import results_readme
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -31,15 +33,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob(
     "*.py") if p.stem not in ("__init__", "common")
     and not p.stem.startswith("lm_"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """Compile with few optimisations, as Flax's imagenet train_test does."""
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +46,7 @@ def get_config(name: str, arg: str | None = "runlocal"):
   return module.get_config(arg)
 
 
-def tiny(config, data_dir, **overrides):
-  """A runlocal config cut to one step per epoch, single device."""
-  config.data_dir = data_dir
-  config.steps_per_epoch = 1
-  config.num_epochs = 1
-  config.teacher.num_epochs = 1
-  config.progress_bar = False
-  config.data_parallel = False
-  # One evaluation batch of 8 (a runlocal test split is "<split>[:N]").
-  config.test_split = config.test_split.split("[")[0] + "[:8]"
-  config.eval_batch_size = 8
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+tiny = tiny_lib.shrink_config
 
 
 # -- Configs ------------------------------------------------------------------
@@ -400,12 +376,12 @@ def test_a_stop_names_the_bad_field_or_hyper_parameter():
   run = loop.Loop(name="run", run_dir=pathlib.Path("."), step=None,
                   batches=None, evaluate=None, num_epochs=1, batch_size=1,
                   finite=None)
-  message = loop._failure_message(  # pylint: disable=protected-access
+  message = stops.failure_message(
       run, {"loss": np.nan, "bad/label": 1, "bad/image": 0, "nonfinite": 1},
       7, 5)
   assert message.startswith("run: step 7 (epoch 2, batch 3 of 5) was not")
   assert "the batch's label holds bad values" in message
-  message = loop._failure_message(  # pylint: disable=protected-access
+  message = stops.failure_message(
       run, {"loss": np.nan, "invalid/kd.temperature": 1}, 0, 5)
   assert "hyper-parameter kd.temperature had an invalid value" in message
 
@@ -480,3 +456,30 @@ def test_cli_refuses_to_publish_a_runlocal_run(tmp_path):
              "--mode=pipeline", f"--workdir={tmp_path}", "--publish")
   assert out.returncode != 0
   assert "never published" in out.stderr + out.stdout
+
+
+def test_evaluate_teachers_gives_each_teachers_test_accuracy(data_dir,
+                                                             tmp_path):
+  # Teacher i always predicts class c_i (a large classifier bias), so its
+  # accuracy is the share of test labels equal to c_i, known by hand.
+  config = tiny(get_config("mnist5k_default"), data_dir,
+                test_split="test[:20]")
+  ctx = train.Context.create(config, tmp_path)
+  model = ctx.model(config.teacher.model)
+  params, state = model.init(jax.random.key(0), np.zeros((1, 28, 28, 1)))
+  classes = (3, 7)
+  stacked = []
+  for c in classes:
+    bias = np.zeros(10, np.float32)
+    bias[c] = 1e4
+    stacked.append({**params, "classifier": {**params["classifier"],
+                                             "bias": bias}})
+  _, variables = teachers_lib.TeacherGroup.create(model, stacked,
+                                                  [state] * len(classes))
+  accuracies = train.evaluate_teachers(
+      ctx, ctx.group(config.teacher.model), variables)
+  labels = np.concatenate([b["label"][b["mask"]]
+                           for b in ctx.data.eval_batches()])
+  assert len(labels) == 20  # Two full batches of 8 and a padded one.
+  np.testing.assert_allclose(accuracies, [np.mean(labels == c)
+                                          for c in classes])

@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 
-import jax
 import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
@@ -25,14 +24,11 @@ pytestmark = pytest.mark.fault
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
   root = tmp_path_factory.mktemp("logs")
   config = tiny_config(root / "data", num_epochs=2, steps_per_epoch=2,
                        log_every_steps=1, checkpoint_every_epochs=1,
                        max_checkpoints=2)
-  yield train.Context.create(config, root / "work")
-  jax.config.update("jax_disable_most_optimizations", before)
+  return train.Context.create(config, root / "work")
 
 
 @pytest.fixture(scope="module")

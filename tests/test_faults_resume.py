@@ -5,40 +5,19 @@ from __future__ import annotations
 import importlib
 import json
 
-import jax
 import pytest
 
 from experiments import train
 from jaxkd import checkpoint
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  before = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+from tests import tiny
 
 
 def tiny_config(data_dir, **overrides):
   """mnist5k :runlocal, baseline (no teacher), one step per epoch."""
   config = importlib.import_module(
       "experiments.configs.mnist5k_default").get_config("runlocal")
-  config.data_dir = str(data_dir)
-  config.method = "baseline"
-  config.steps_per_epoch = 1
-  config.num_epochs = 1
-  config.progress_bar = False
-  config.data_parallel = False
-  config.test_split = "test[:8]"
-  config.eval_batch_size = 8
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
+  return tiny.shrink_config(config, data_dir,
+                            **{"method": "baseline", **overrides})
 
 
 @pytest.mark.fault

@@ -335,14 +335,20 @@ def key(seed):
   return jax.random.key(seed, impl="rbg")
 
 
+def initialised(name: str, x: np.ndarray):
+  """Model ``name`` (10 classes), ``x`` on the device and its variables."""
+  model = models.create(name, num_classes=10)
+  x = jnp.asarray(x)
+  params, state = jax.jit(model.init)(key(0), x)
+  return model, x, params, state
+
+
 @functools.cache
 def resnet8_run():
   """resnet8 initialised, and one compiled training step: (loss, grads)."""
-  model = models.create("resnet8", num_classes=10)
-  x = jnp.asarray(
-      np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32)
-  )
-  params, state = jax.jit(model.init)(key(0), x)
+  model, x, params, state = initialised(
+      "resnet8",
+      np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32))
 
   def loss(p):
     logits, features, new_state = model.apply(p, state, x, train=True)
@@ -412,11 +418,9 @@ def test_resnet8_bfloat16_compute():
 
 @functools.cache
 def mlp_run():
-  model = models.create("hinton_teacher", num_classes=10)
-  x = jnp.asarray(
-      np.random.default_rng(1).random((2, 28, 28, 1), np.float32)
-  )
-  params, state = jax.jit(model.init)(key(0), x)
+  model, x, params, state = initialised(
+      "hinton_teacher", np.random.default_rng(1).random((2, 28, 28, 1),
+                                                        np.float32))
   return model, jax.jit(model.apply, static_argnames="train"), params, state, x
 
 

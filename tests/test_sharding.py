@@ -422,15 +422,15 @@ def test_fsdp_min_size_and_teacher_only_fsdp():
 
 
 def test_fsdp_spec():
-  assert sharding._fsdp_spec((3, 512, 256), 8, min_size=1024) == (
+  assert sharding._state._fsdp_spec((3, 512, 256), 8, min_size=1024) == (
       None, "data", None)
-  assert sharding._fsdp_spec((256, 256), 8, min_size=1) == (None, "data")
-  assert sharding._fsdp_spec((16, 3), 8, min_size=1) == ("data", None)
-  assert sharding._fsdp_spec((16, 3), 8, min_size=49) == (None, None)
-  assert sharding._fsdp_spec((16, 8), 8, min_size=1, skip_leading=1) == (
+  assert sharding._state._fsdp_spec((256, 256), 8, min_size=1) == (None, "data")
+  assert sharding._state._fsdp_spec((16, 3), 8, min_size=1) == ("data", None)
+  assert sharding._state._fsdp_spec((16, 3), 8, min_size=49) == (None, None)
+  assert sharding._state._fsdp_spec((16, 8), 8, min_size=1, skip_leading=1) == (
       None, "data")
-  assert sharding._fsdp_spec((16, 3), 1, min_size=1) == (None, None)
-  assert sharding._fsdp_spec((), 8, min_size=0) == ()
+  assert sharding._state._fsdp_spec((16, 3), 1, min_size=1) == (None, None)
+  assert sharding._state._fsdp_spec((), 8, min_size=0) == ()
 
 
 def test_state_shardings_of_an_abstract_state():

@@ -37,15 +37,17 @@ def teacher_group(k=3, strategy="auto"):
   )
 
 
-def run(spec, batches, teacher_variables=(), key=0, **init_kwargs):
-  state = spec.init(jax.random.key(key), batches[0], teacher_variables,
-                    **init_kwargs)
-  step = train_step.make_train_step(spec, donate=False)
-  history = []
-  for batch in batches:
-    state, metrics = step(state, batch)
-    history.append(jax.tree.map(np.asarray, metrics))
-  return state, history
+run = tiny.run_steps
+
+
+def kd_setup(k: int, student=STUDENT):
+  """K teachers, the KD spec over them (Adam 1e-2) and its first state."""
+  group, variables = teacher_group(k)
+  spec = train_step.Distillation(
+      student=student, teachers=[group], objective=KD,
+      optimizer=optax.adam(1e-2),
+  )
+  return spec, variables, spec.init(jax.random.key(0), BATCHES[0], [variables])
 
 
 def assert_trains(history, key="loss"):
@@ -261,12 +263,7 @@ def test_the_step_compiles_once():
   counted = from_linen(tiny.TinyCNN(width=4))
   counted = type(counted)(init=counted.init, apply=counting_apply,
                           name="counted")
-  group, variables = teacher_group(2)
-  spec = train_step.Distillation(
-      student=counted, teachers=[group], objective=KD,
-      optimizer=optax.adam(1e-2),
-  )
-  state = spec.init(jax.random.key(0), BATCHES[0], [variables])
+  spec, _, state = kd_setup(2, student=counted)
   step = train_step.make_train_step(spec)
   traces.clear()
   for batch in BATCHES:
@@ -275,13 +272,8 @@ def test_the_step_compiles_once():
 
 
 def test_donating_the_state_leaves_the_callers_teachers_intact():
-  group, variables = teacher_group(2)
+  spec, variables, state = kd_setup(2)
   before = jax.tree.map(np.array, variables)
-  spec = train_step.Distillation(
-      student=STUDENT, teachers=[group], objective=KD,
-      optimizer=optax.adam(1e-2),
-  )
-  state = spec.init(jax.random.key(0), BATCHES[0], [variables])
   step = train_step.make_train_step(spec)  # donates the state
   for batch in BATCHES[:2]:
     state, _ = step(state, batch)
@@ -295,12 +287,7 @@ def test_donating_the_state_leaves_the_callers_teachers_intact():
 
 
 def test_nonfinite_loss_is_reported_and_skipped():
-  group, variables = teacher_group(1)
-  spec = train_step.Distillation(
-      student=STUDENT, teachers=[group], objective=KD,
-      optimizer=optax.adam(1e-2),
-  )
-  state = spec.init(jax.random.key(0), BATCHES[0], [variables])
+  spec, _, state = kd_setup(1)
   # A NaN weight (not bad data) makes the loss NaN.
   leaves, treedef = jax.tree.flatten(state.params)
   leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
@@ -314,7 +301,7 @@ def test_nonfinite_loss_is_reported_and_skipped():
                state.opt_state)
   # "apply" lets the update through (and poisons the parameters).
   applying = train_step.Distillation(
-      student=STUDENT, teachers=[group], objective=KD,
+      student=STUDENT, teachers=spec.teachers, objective=KD,
       optimizer=optax.adam(1e-2), nonfinite="apply",
   )
   poisoned, metrics = train_step.make_train_step(applying, donate=False)(
@@ -389,12 +376,7 @@ def test_sweep_equals_separate_runs():
 
 
 def test_eval_step_matches_numpy():
-  group, variables = teacher_group(2)
-  spec = train_step.Distillation(
-      student=STUDENT, teachers=[group], objective=KD,
-      optimizer=optax.adam(1e-2),
-  )
-  state = spec.init(jax.random.key(0), BATCHES[0], [variables])
+  spec, _, state = kd_setup(2)
   batch = {**BATCHES[0], "mask": jnp.arange(32) < 30}
   summary = train_step.summarize([train_step.make_eval_step(spec)(state,
                                                                   batch)])

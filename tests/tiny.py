@@ -1,12 +1,15 @@
-"""Tiny models and real data shared by the engine tests."""
+"""Tiny models, real data, runs and configs shared by the engine tests."""
 
 from __future__ import annotations
 
 import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxkd import train_step
 
 
 class TinyCNN(nn.Module):
@@ -101,3 +104,43 @@ def trained_teachers(k: int, first_seed: int, width: int = 8):
     params.append(state.params["student"])
     states.append(state.model_state["student"])
   return params, states
+
+
+def run_steps(spec, batches, teacher_variables=(), key=0, **init_kwargs):
+  """``spec.init`` on the first batch, then one train step per batch.
+
+  Returns the last state and the metrics of every step, on the host.
+  """
+  state = spec.init(jax.random.key(key), batches[0], teacher_variables,
+                    **init_kwargs)
+  step = train_step.make_train_step(spec, donate=False)
+  history = []
+  for batch in batches:
+    state, metrics = step(state, batch)
+    history.append(jax.tree.map(np.asarray, metrics))
+  return state, history
+
+
+def shrink_config(config, data_dir, **overrides):
+  """An experiment config cut to one step per epoch on one device.
+
+  One epoch of one step (the teachers' too), no progress bar, and a test
+  split of one evaluation batch of 8 (for a ``:runlocal`` config, whose test
+  split is ``"<split>[:N]"``). ``overrides`` are dotted keys
+  (``**{"teacher.load": "x"}``) set last. Returns ``config``, changed.
+  """
+  config.data_dir = str(data_dir)
+  config.steps_per_epoch = 1
+  config.num_epochs = 1
+  config.teacher.num_epochs = 1
+  config.progress_bar = False
+  config.data_parallel = False
+  config.test_split = config.test_split.split("[")[0] + "[:8]"
+  config.eval_batch_size = 8
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config

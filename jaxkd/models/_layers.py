@@ -19,13 +19,16 @@ Parameters are always created in float32; ``dtype`` is the compute dtype.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Dtype = Any
+# What every image model's ``__call__(x, train)`` returns:
+# ``(float32 logits [batch, num_classes], named features)``.
+Outputs = tuple[jax.Array, dict[str, jax.Array]]
 
 # fan_out counts kh * kw * out_channels, as PyTorch does, also for grouped
 # (depthwise) convolutions: Flax's kernel shape is (kh, kw, in / groups, out).
@@ -48,16 +51,58 @@ def torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
   return init
 
 
-def torch_default_dense(
-    features: int, x: jax.Array, *, dtype: Dtype, name: str
+def dense(
+    features: int,
+    *,
+    kernel_init: nn.initializers.Initializer,
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros,
+    dtype: Dtype,
+    name: str,
 ) -> nn.Dense:
-  """An ``nn.Dense`` initialised like ``torch.nn.Linear`` for input ``x``."""
+  """An ``nn.Dense`` with float32 parameters and the given initialisers."""
   return nn.Dense(
       features,
       dtype=dtype,
       param_dtype=jnp.float32,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      name=name,
+  )
+
+
+def torch_default_dense(
+    features: int, x: jax.Array, *, dtype: Dtype, name: str
+) -> nn.Dense:
+  """An ``nn.Dense`` initialised like ``torch.nn.Linear`` for input ``x``."""
+  return dense(
+      features,
       kernel_init=torch_default_kernel_init,
       bias_init=torch_default_bias_init(x.shape[-1]),
+      dtype=dtype,
+      name=name,
+  )
+
+
+def torch_default_head(
+    num_classes: int, *, dtype: Dtype, name: str
+) -> Callable[[jax.Array], jax.Array]:
+  """The logits of a :func:`torch_default_dense` built for its input."""
+
+  def head(x: jax.Array) -> jax.Array:
+    return torch_default_dense(num_classes, x, dtype=dtype, name=name)(x)
+
+  return head
+
+
+def small_normal_dense(features: int, *, dtype: Dtype, name: str) -> nn.Dense:
+  """A classifier ``nn.Dense`` with ``N(0, 0.01^2)`` kernel and zero bias.
+
+  The RepDistiller VGG and MobileNetV2 initialise their classifiers so.
+  """
+  return dense(
+      features,
+      kernel_init=nn.initializers.normal(0.01),
+      dtype=dtype,
       name=name,
   )
 
@@ -132,6 +177,34 @@ def batch_norm(*, train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
   )
 
 
+def conv_bn(
+    x: jax.Array,
+    features: int,
+    kernel_size: int,
+    *,
+    train: bool,
+    conv_name: str,
+    bn_name: str,
+    relu: bool = True,
+    dtype: Dtype,
+    **conv_kwargs: Any,
+) -> jax.Array:
+  """:func:`conv` then :func:`batch_norm`, then a ReLU unless ``relu=False``.
+
+  The two layers are created in the calling module under ``conv_name`` and
+  ``bn_name``; ``conv_kwargs`` (``stride``, ``padding``, ``groups``,
+  ``use_bias``, ``kernel_init``) go to :func:`conv`.
+  """
+  y = conv(features, kernel_size, dtype=dtype, name=conv_name, **conv_kwargs)(x)
+  y = batch_norm(train=train, dtype=dtype, name=bn_name)(y)
+  return nn.relu(y) if relu else y
+
+
+def bn_relu(x: jax.Array, *, train: bool, dtype: Dtype, name: str) -> jax.Array:
+  """:func:`batch_norm` named ``name``, then a ReLU."""
+  return nn.relu(batch_norm(train=train, dtype=dtype, name=name)(x))
+
+
 class Float32LayerNorm(nn.LayerNorm):
   """``nn.LayerNorm`` computed in float32, output cast to ``output_dtype``."""
 
@@ -168,6 +241,27 @@ def check_image(name: str, x: jax.Array) -> None:
     )
 
 
+def blocks_per_stage(model: nn.Module, depth: int, *, offset: int) -> int:
+  """``n`` of a three-stage CIFAR network of depth ``6n + offset``.
+
+  Raises ``ValueError`` naming the model unless ``depth`` is ``6n + offset``
+  with ``n >= 1``.
+  """
+  if depth < 6 + offset or (depth - offset) % 6:
+    examples = ", ".join(str(6 * n + offset) for n in (1, 2, 3))
+    raise ValueError(
+        f"{type(model).__name__} depth must be 6n + {offset} with n >= 1"
+        f" ({examples}, ...), got {depth}."
+    )
+  return (depth - offset) // 6
+
+
+def image_input(model: nn.Module, x: Any) -> jax.Array:
+  """Checks an image model's NHWC input and casts it to ``model.dtype``."""
+  check_image(type(model).__name__, x)
+  return to_compute_dtype(x, model.dtype)
+
+
 def to_compute_dtype(x: Any, dtype: Dtype) -> jax.Array:
   """Casts the model input to the compute dtype."""
   return jnp.asarray(x).astype(dtype)
@@ -176,3 +270,22 @@ def to_compute_dtype(x: Any, dtype: Dtype) -> jax.Array:
 def to_float32_logits(logits: jax.Array) -> jax.Array:
   """Logits leave every model in float32, whatever the compute dtype."""
   return logits.astype(jnp.float32)
+
+
+def classify(
+    embedding: jax.Array,
+    features: dict[str, jax.Array],
+    head: Callable[[jax.Array], jax.Array],
+) -> Outputs:
+  """Records ``features["embedding"]`` and returns the head's float32 logits.
+
+  Args:
+    embedding: The pooled pre-logit vectors, ``[batch, dim]``.
+    features: The model's named features so far (updated in place).
+    head: Maps ``embedding`` to logits ``[batch, num_classes]``.
+
+  Returns:
+    ``(logits, features)`` with float32 logits ``[batch, num_classes]``.
+  """
+  features["embedding"] = embedding
+  return to_float32_logits(head(embedding)), features

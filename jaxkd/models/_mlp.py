@@ -56,9 +56,7 @@ class MLP(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, train: bool) -> _layers.Outputs:
     for name, rate in (
         ("dropout_rate", self.dropout_rate),
         ("input_dropout_rate", self.input_dropout_rate),

@@ -64,22 +64,19 @@ class InvertedResidual(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(dtype=self.dtype)
+    kw = dict(train=train, dtype=self.dtype)
     hidden = x.shape[-1] * self.expansion
-    y = _layers.conv(hidden, 1, name="expand_conv", **kw)(x)
-    y = nn.relu(_layers.batch_norm(train=train, name="expand_bn", **kw)(y))
-    y = _layers.conv(
-        hidden,
-        3,
-        stride=self.stride,
-        padding=1,
-        groups=hidden,
-        name="depthwise_conv",
-        **kw,
-    )(y)
-    y = nn.relu(_layers.batch_norm(train=train, name="depthwise_bn", **kw)(y))
-    y = _layers.conv(self.features, 1, name="project_conv", **kw)(y)
-    y = _layers.batch_norm(train=train, name="project_bn", **kw)(y)
+    y = _layers.conv_bn(
+        x, hidden, 1, conv_name="expand_conv", bn_name="expand_bn", **kw
+    )
+    y = _layers.conv_bn(
+        y, hidden, 3, stride=self.stride, padding=1, groups=hidden,
+        conv_name="depthwise_conv", bn_name="depthwise_bn", **kw,
+    )
+    y = _layers.conv_bn(
+        y, self.features, 1, relu=False,
+        conv_name="project_conv", bn_name="project_bn", **kw,
+    )
     if self.stride == 1 and x.shape[-1] == self.features:
       y = x + y
     return y
@@ -113,22 +110,17 @@ class MobileNetV2(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, train: bool) -> _layers.Outputs:
     if self.width_multiplier <= 0:
       raise ValueError(
           "MobileNetV2 width_multiplier must be > 0, got"
           f" {self.width_multiplier}."
       )
-    _layers.check_image("MobileNetV2", x)
-    kw = dict(dtype=self.dtype)
-    x = _layers.to_compute_dtype(x, self.dtype)
-    x = _layers.conv(
-        int(32 * self.width_multiplier), 3, stride=2, padding=1, name="conv1",
-        **kw,
-    )(x)
-    x = nn.relu(_layers.batch_norm(train=train, name="bn1", **kw)(x))
+    kw = dict(train=train, dtype=self.dtype)
+    x = _layers.conv_bn(
+        _layers.image_input(self, x), int(32 * self.width_multiplier), 3,
+        stride=2, padding=1, conv_name="conv1", bn_name="bn1", **kw,
+    )
     features = {"stem": x}
     for group, (expansion, width, blocks, stride) in enumerate(
         _GROUPS, start=1
@@ -139,28 +131,22 @@ class MobileNetV2(nn.Module):
             stride=stride if block == 0 else 1,
             expansion=expansion or self.expansion,
             name=f"group{group}_{block}",
-            **kw,
+            dtype=self.dtype,
         )(x, train)
       if group in _STAGE_AFTER_GROUP:
         features[_STAGE_AFTER_GROUP[group]] = x
     last_width = (
         int(1280 * self.width_multiplier) if self.width_multiplier > 1 else 1280
     )
-    x = _layers.conv(last_width, 1, name="conv2", **kw)(x)
-    x = nn.relu(_layers.batch_norm(train=train, name="bn2", **kw)(x))
+    x = _layers.conv_bn(
+        x, last_width, 1, conv_name="conv2", bn_name="bn2", **kw
+    )
     # The reference's AvgPool2d(2, ceil_mode=True) on the 2x2 map of a 32x32
     # input is the global average.
-    x = _layers.global_average_pool(x)
-    features["embedding"] = x
-    logits = nn.Dense(
-        self.num_classes,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(0.01),
-        bias_init=nn.initializers.zeros,
-        name="classifier",
-    )(x)
-    return _layers.to_float32_logits(logits), features
+    head = _layers.small_normal_dense(
+        self.num_classes, dtype=self.dtype, name="classifier"
+    )
+    return _layers.classify(_layers.global_average_pool(x), features, head)
 
 
 def mobile_half(*, num_classes: int, dtype: Dtype = jnp.float32) -> MobileNetV2:

@@ -48,22 +48,21 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(dtype=self.dtype)
-    y = _layers.conv(
-        self.features, 3, stride=self.stride, padding=1, name="conv1", **kw
-    )(x)
-    y = _layers.batch_norm(train=train, name="bn1", **kw)(y)
-    y = nn.relu(y)
-    y = _layers.conv(self.features, 3, padding=1, name="conv2", **kw)(y)
-    y = _layers.batch_norm(train=train, name="bn2", **kw)(y)
+    kw = dict(train=train, dtype=self.dtype)
+    y = _layers.conv_bn(
+        x, self.features, 3, stride=self.stride, padding=1,
+        conv_name="conv1", bn_name="bn1", **kw,
+    )
+    y = _layers.conv_bn(
+        y, self.features, 3, padding=1, relu=False,
+        conv_name="conv2", bn_name="bn2", **kw,
+    )
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = _layers.conv(
-          self.features, 1, stride=self.stride, name="downsample_conv", **kw
-      )(x)
-      shortcut = _layers.batch_norm(
-          train=train, name="downsample_bn", **kw
-      )(shortcut)
+      shortcut = _layers.conv_bn(
+          x, self.features, 1, stride=self.stride, relu=False,
+          conv_name="downsample_conv", bn_name="downsample_bn", **kw,
+      )
     return nn.relu(y + shortcut)
 
 
@@ -93,26 +92,17 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    if self.depth < 8 or (self.depth - 2) % 6:
-      raise ValueError(
-          f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got"
-          f" {self.depth}."
-      )
+  def __call__(self, x: jax.Array, train: bool) -> _layers.Outputs:
+    blocks_per_stage = _layers.blocks_per_stage(self, self.depth, offset=2)
     if len(self.widths) != 4:
       raise ValueError(
           f"ResNet widths must hold 4 channel counts (stem, stage 1-3), got"
           f" {tuple(self.widths)}."
       )
-    _layers.check_image("ResNet", x)
-    blocks_per_stage = (self.depth - 2) // 6
-    kw = dict(dtype=self.dtype)
-    x = _layers.to_compute_dtype(x, self.dtype)
-    x = _layers.conv(self.widths[0], 3, padding=1, name="conv1", **kw)(x)
-    x = _layers.batch_norm(train=train, name="bn1", **kw)(x)
-    x = nn.relu(x)
+    x = _layers.conv_bn(
+        _layers.image_input(self, x), self.widths[0], 3, padding=1,
+        train=train, conv_name="conv1", bn_name="bn1", dtype=self.dtype,
+    )
     features = {"stem": x}
     for stage, (width, stride) in enumerate(
         zip(self.widths[1:], (1, 2, 2)), start=1
@@ -122,16 +112,14 @@ class ResNet(nn.Module):
             width,
             stride=stride if block == 0 else 1,
             name=f"layer{stage}_{block}",
-            **kw,
+            dtype=self.dtype,
         )(x, train)
       features[f"stage{stage}"] = x
     # The reference's AvgPool2d(8) is the global average for 32x32 inputs.
-    x = _layers.global_average_pool(x)
-    features["embedding"] = x
-    logits = _layers.torch_default_dense(
-        self.num_classes, x, name="fc", **kw
-    )(x)
-    return _layers.to_float32_logits(logits), features
+    head = _layers.torch_default_head(
+        self.num_classes, dtype=self.dtype, name="fc"
+    )
+    return _layers.classify(_layers.global_average_pool(x), features, head)
 
 
 _NARROW = (16, 16, 32, 64)

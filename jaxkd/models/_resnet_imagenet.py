@@ -48,14 +48,11 @@ class ImageNetResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    _layers.check_image(type(self).__name__, x)
-    kw = dict(dtype=self.dtype)
-    x = _layers.to_compute_dtype(x, self.dtype)
-    x = _layers.conv(64, 7, stride=2, padding=3, name="conv1", **kw)(x)
-    x = nn.relu(_layers.batch_norm(train=train, name="bn1", **kw)(x))
+  def __call__(self, x: jax.Array, train: bool) -> _layers.Outputs:
+    x = _layers.conv_bn(
+        _layers.image_input(self, x), 64, 7, stride=2, padding=3,
+        train=train, conv_name="conv1", bn_name="bn1", dtype=self.dtype,
+    )
     features = {"stem": x}
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (blocks, width) in enumerate(
@@ -64,13 +61,12 @@ class ImageNetResNet(nn.Module):
       for block in range(blocks):
         stride = 2 if stage > 1 and block == 0 else 1
         x = BasicBlock(width, stride=stride, name=f"layer{stage}_{block}",
-                       **kw)(x, train)
+                       dtype=self.dtype)(x, train)
       features[f"stage{stage}"] = x
-    embedding = _layers.global_average_pool(x)
-    features["embedding"] = embedding
-    logits = _layers.torch_default_dense(
-        self.num_classes, embedding, name="fc", **kw)(embedding)
-    return _layers.to_float32_logits(logits), features
+    head = _layers.torch_default_head(
+        self.num_classes, dtype=self.dtype, name="fc"
+    )
+    return _layers.classify(_layers.global_average_pool(x), features, head)
 
 
 def resnet18(*, num_classes: int, dtype: Dtype = jnp.float32) -> ImageNetResNet:

@@ -57,11 +57,15 @@ def channel_shuffle(x: jax.Array, groups: int = 2) -> jax.Array:
   return jnp.swapaxes(x, -1, -2).reshape(*lead, channels)
 
 
-def _conv(features, kernel_size, **kwargs) -> nn.Conv:
-  return _layers.conv(
+def _conv_bn(x, features, kernel_size, *, name, **kwargs) -> jax.Array:
+  """``conv{name}``-``bn{name}`` with PyTorch's default conv init."""
+  return _layers.conv_bn(
+      x,
       features,
       kernel_size,
       kernel_init=_layers.torch_default_kernel_init,
+      conv_name=f"conv{name}",
+      bn_name=f"bn{name}",
       **kwargs,
   )
 
@@ -73,16 +77,13 @@ class ShuffleBasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(dtype=self.dtype)
+    kw = dict(train=train, dtype=self.dtype)
     half = x.shape[-1] // 2
     kept, y = x[..., :half], x[..., half:]
     width = y.shape[-1]
-    y = _conv(width, 1, name="conv1", **kw)(y)
-    y = nn.relu(_layers.batch_norm(train=train, name="bn1", **kw)(y))
-    y = _conv(width, 3, padding=1, groups=width, name="conv2", **kw)(y)
-    y = _layers.batch_norm(train=train, name="bn2", **kw)(y)
-    y = _conv(width, 1, name="conv3", **kw)(y)
-    y = nn.relu(_layers.batch_norm(train=train, name="bn3", **kw)(y))
+    y = _conv_bn(y, width, 1, name=1, **kw)
+    y = _conv_bn(y, width, 3, padding=1, groups=width, relu=False, name=2, **kw)
+    y = _conv_bn(y, width, 1, name=3, **kw)
     return channel_shuffle(jnp.concatenate([kept, y], axis=-1))
 
 
@@ -99,25 +100,17 @@ class ShuffleDownBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(dtype=self.dtype)
+    kw = dict(train=train, dtype=self.dtype)
     width_in = x.shape[-1]
     mid = self.features // 2
+    depthwise = dict(stride=2, padding=1, relu=False)
     # Left: 3x3 depthwise (stride 2)-BN, 1x1 conv-BN-ReLU.
-    left = _conv(
-        width_in, 3, stride=2, padding=1, groups=width_in, name="conv1", **kw
-    )(x)
-    left = _layers.batch_norm(train=train, name="bn1", **kw)(left)
-    left = _conv(mid, 1, name="conv2", **kw)(left)
-    left = nn.relu(_layers.batch_norm(train=train, name="bn2", **kw)(left))
+    left = _conv_bn(x, width_in, 3, groups=width_in, name=1, **depthwise, **kw)
+    left = _conv_bn(left, mid, 1, name=2, **kw)
     # Right: 1x1 conv-BN-ReLU, 3x3 depthwise (stride 2)-BN, 1x1 conv-BN-ReLU.
-    right = _conv(mid, 1, name="conv3", **kw)(x)
-    right = nn.relu(_layers.batch_norm(train=train, name="bn3", **kw)(right))
-    right = _conv(
-        mid, 3, stride=2, padding=1, groups=mid, name="conv4", **kw
-    )(right)
-    right = _layers.batch_norm(train=train, name="bn4", **kw)(right)
-    right = _conv(mid, 1, name="conv5", **kw)(right)
-    right = nn.relu(_layers.batch_norm(train=train, name="bn5", **kw)(right))
+    right = _conv_bn(x, mid, 1, name=3, **kw)
+    right = _conv_bn(right, mid, 3, groups=mid, name=4, **depthwise, **kw)
+    right = _conv_bn(right, mid, 1, name=5, **kw)
     return channel_shuffle(jnp.concatenate([left, right], axis=-1))
 
 
@@ -144,20 +137,15 @@ class ShuffleNetV2(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, train: bool) -> _layers.Outputs:
     if self.net_size not in SHUFFLENETV2_CONFIGS:
       raise ValueError(
           f"ShuffleNetV2 net_size must be one of"
           f" {sorted(SHUFFLENETV2_CONFIGS)}, got {self.net_size!r}."
       )
-    _layers.check_image("ShuffleNetV2", x)
     config = SHUFFLENETV2_CONFIGS[self.net_size]
     kw = dict(dtype=self.dtype)
-    x = _layers.to_compute_dtype(x, self.dtype)
-    x = _conv(24, 1, name="conv1", **kw)(x)
-    x = nn.relu(_layers.batch_norm(train=train, name="bn1", **kw)(x))
+    x = _conv_bn(_layers.image_input(self, x), 24, 1, name=1, train=train, **kw)
     features = {"stem": x}
     for stage, (width, blocks) in enumerate(
         zip(config["widths"][:3], config["blocks"]), start=1
@@ -166,15 +154,10 @@ class ShuffleNetV2(nn.Module):
       for block in range(blocks):
         x = ShuffleBasicBlock(name=f"layer{stage}_{block}", **kw)(x, train)
       features[f"stage{stage}"] = x
-    x = _conv(config["widths"][3], 1, name="conv2", **kw)(x)
-    x = nn.relu(_layers.batch_norm(train=train, name="bn2", **kw)(x))
+    x = _conv_bn(x, config["widths"][3], 1, name=2, train=train, **kw)
     # The reference's avg_pool2d(4) is the global average for 32x32 inputs.
-    x = _layers.global_average_pool(x)
-    features["embedding"] = x
-    logits = _layers.torch_default_dense(
-        self.num_classes, x, name="linear", **kw
-    )(x)
-    return _layers.to_float32_logits(logits), features
+    head = _layers.torch_default_head(self.num_classes, name="linear", **kw)
+    return _layers.classify(_layers.global_average_pool(x), features, head)
 
 
 def shufflev2(*, num_classes: int, dtype: Dtype = jnp.float32) -> ShuffleNetV2:

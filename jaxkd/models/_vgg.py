@@ -61,49 +61,31 @@ class VGG(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, train: bool) -> _layers.Outputs:
     if len(self.groups) != 5 or not all(len(g) for g in self.groups):
       raise ValueError(
           f"VGG groups must be 5 non-empty sequences of channel counts, got"
           f" {self.groups!r}."
       )
-    _layers.check_image("VGG", x)
+    x = _layers.image_input(self, x)
     pool_after_group4 = x.shape[1] == 64
-    kw = dict(dtype=self.dtype)
-    x = _layers.to_compute_dtype(x, self.dtype)
     features = {}
     for group, widths in enumerate(self.groups, start=1):
       if group == 5 and pool_after_group4:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for layer, width in enumerate(widths):
-        x = _layers.conv(
-            width,
-            3,
-            padding=1,
-            use_bias=True,
-            name=f"block{group}_conv{layer}",
-            **kw,
-        )(x)
-        x = _layers.batch_norm(
-            train=train, name=f"block{group}_bn{layer}", **kw
-        )(x)
-        x = nn.relu(x)
+        x = _layers.conv_bn(
+            x, width, 3, padding=1, use_bias=True, train=train,
+            conv_name=f"block{group}_conv{layer}",
+            bn_name=f"block{group}_bn{layer}", dtype=self.dtype,
+        )
       features[f"stage{group}"] = x
       if group <= 3:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = _layers.global_average_pool(x)
-    features["embedding"] = x
-    logits = nn.Dense(
-        self.num_classes,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(0.01),
-        bias_init=nn.initializers.zeros,
-        name="classifier",
-    )(x)
-    return _layers.to_float32_logits(logits), features
+    head = _layers.small_normal_dense(
+        self.num_classes, dtype=self.dtype, name="classifier"
+    )
+    return _layers.classify(_layers.global_average_pool(x), features, head)
 
 
 def vgg8(*, num_classes: int, dtype: Dtype = jnp.float32) -> VGG:

@@ -40,13 +40,8 @@ _trunc_normal = nn.initializers.truncated_normal(0.02)
 
 
 def _dense(features: int, *, dtype: Dtype, name: str) -> nn.Dense:
-  return nn.Dense(
-      features,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=_trunc_normal,
-      bias_init=nn.initializers.zeros,
-      name=name,
+  return _layers.dense(
+      features, kernel_init=_trunc_normal, dtype=dtype, name=name
   )
 
 
@@ -131,9 +126,7 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, train: bool) -> _layers.Outputs:
     if self.pooling not in ("cls", "mean"):
       raise ValueError(
           f"ViT pooling must be 'cls' or 'mean', got {self.pooling!r}."
@@ -143,13 +136,12 @@ class ViT(nn.Module):
           f"ViT num_heads ({self.num_heads}) must divide hidden_size"
           f" ({self.hidden_size})."
       )
-    _layers.check_image("ViT", x)
+    x = _layers.image_input(self, x)
     if x.shape[1] % self.patch_size or x.shape[2] % self.patch_size:
       raise ValueError(
           f"ViT patch_size {self.patch_size} must divide the image height and"
           f" width, got images of shape {tuple(x.shape)}."
       )
-    x = _layers.to_compute_dtype(x, self.dtype)
     x = nn.Conv(
         self.hidden_size,
         (self.patch_size, self.patch_size),
@@ -192,9 +184,8 @@ class ViT(nn.Module):
       features[f"stage{block}"] = x
     x = _layers.layer_norm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     x = x[:, 0] if self.pooling == "cls" else jnp.mean(x, axis=1)
-    features["embedding"] = x
-    logits = _dense(self.num_classes, dtype=self.dtype, name="head")(x)
-    return _layers.to_float32_logits(logits), features
+    head = _dense(self.num_classes, dtype=self.dtype, name="head")
+    return _layers.classify(x, features, head)
 
 
 def vit_tiny(*, num_classes: int, dtype: Dtype = jnp.float32) -> ViT:

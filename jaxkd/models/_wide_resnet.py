@@ -51,11 +51,11 @@ class WideBasicBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     kw = dict(dtype=self.dtype)
     equal_widths = x.shape[-1] == self.features
-    activated = nn.relu(_layers.batch_norm(train=train, name="bn1", **kw)(x))
+    activated = _layers.bn_relu(x, train=train, name="bn1", **kw)
     y = _layers.conv(
         self.features, 3, stride=self.stride, padding=1, name="conv1", **kw
     )(activated)
-    y = nn.relu(_layers.batch_norm(train=train, name="bn2", **kw)(y))
+    y = _layers.bn_relu(y, train=train, name="bn2", **kw)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     y = _layers.conv(self.features, 3, padding=1, name="conv2", **kw)(y)
     if equal_widths:
@@ -97,23 +97,16 @@ class WideResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    if self.depth < 10 or (self.depth - 4) % 6:
-      raise ValueError(
-          f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40,"
-          f" ...), got {self.depth}."
-      )
+  def __call__(self, x: jax.Array, train: bool) -> _layers.Outputs:
+    blocks_per_group = _layers.blocks_per_stage(self, self.depth, offset=4)
     if self.widen_factor < 1:
       raise ValueError(
           f"WideResNet widen_factor must be >= 1, got {self.widen_factor}."
       )
-    _layers.check_image("WideResNet", x)
-    blocks_per_group = (self.depth - 4) // 6
     kw = dict(dtype=self.dtype)
-    x = _layers.to_compute_dtype(x, self.dtype)
-    x = _layers.conv(16, 3, padding=1, name="conv1", **kw)(x)
+    x = _layers.conv(16, 3, padding=1, name="conv1", **kw)(
+        _layers.image_input(self, x)
+    )
     features = {"stem": x}
     widths = [16 * self.widen_factor * 2**g for g in range(3)]
     for group, (width, stride) in enumerate(zip(widths, (1, 2, 2)), start=1):
@@ -126,19 +119,16 @@ class WideResNet(nn.Module):
             **kw,
         )(x, train)
       features[f"stage{group}"] = x
-    x = nn.relu(_layers.batch_norm(train=train, name="bn1", **kw)(x))
-    # The reference's avg_pool2d(8) is the global average for 32x32 inputs.
-    x = _layers.global_average_pool(x)
-    features["embedding"] = x
-    logits = nn.Dense(
+    x = _layers.bn_relu(x, train=train, name="bn1", **kw)
+    # The reference's avg_pool2d(8) is the global average for 32x32 inputs;
+    # its classifier bias starts at zero.
+    head = _layers.dense(
         self.num_classes,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
         kernel_init=_layers.torch_default_kernel_init,
-        bias_init=nn.initializers.zeros,
         name="fc",
-    )(x)
-    return _layers.to_float32_logits(logits), features
+        **kw,
+    )
+    return _layers.classify(_layers.global_average_pool(x), features, head)
 
 
 def wrn_16_1(*, num_classes: int, dtype: Dtype = jnp.float32) -> WideResNet:
