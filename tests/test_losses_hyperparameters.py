@@ -148,7 +148,7 @@ def test_traced_invalid_temperature_is_nan_even_in_masked_rows():
 
 
 def test_validation_helpers():
-  from jaxkd.losses import _validation as v  # pylint: disable=g-import-not-at-top
+  from jaxkd.losses import validation as v  # pylint: disable=g-import-not-at-top
 
   assert v.check_positive("t", 2.0) is True
   assert v.nan_unless(True, jnp.ones(2)).tolist() == [1.0, 1.0]
