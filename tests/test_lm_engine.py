@@ -230,6 +230,17 @@ def test_sparse_tail_bucket_against_float64_and_dense_at_k_equal_v():
   # A nan in the cache reaches the output.
   bad = log_p4.at[0, 0, 0].set(jnp.nan)
   assert np.isnan(lm_methods.sparse_kl_with_tail(z, bad, idx4)[0, 0])
+  # The temperature tempers the cached teacher too, as the dense term does.
+  np.testing.assert_allclose(
+      lm_methods.sparse_kl_with_tail(z, log_p, idx, temperature=2.5),
+      losses.kl_divergence(z, teacher, temperature=2.5), rtol=1e-5,
+      atol=1e-6)
+  # A masked token gives 0 whatever its cache entries hold.
+  where = jnp.ones(z.shape[:-1], bool).at[0, 0].set(False)
+  masked = lm_methods.sparse_kl_with_tail(z, bad, idx4, where=where)
+  assert masked[0, 0] == 0
+  np.testing.assert_allclose(
+      masked[1:], lm_methods.sparse_kl_with_tail(z, log_p4, idx4)[1:])
 
 
 def test_sparse_term_with_k_equal_v_equals_the_dense_term_in_the_engine():

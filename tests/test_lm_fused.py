@@ -484,11 +484,11 @@ def test_errors(rng):
     loss(hs, ws, ht, wt, vocab_chunk=-4)
   with pytest.raises(TypeError, match="`vocab_chunk` must be a Python int"):
     loss(hs, ws, ht, wt, vocab_chunk=8.0)
-  with pytest.raises(ValueError, match="`temperature` must be > 0"):
+  with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
     loss(hs, ws, ht, wt, temperature=0.0)
-  with pytest.raises(ValueError, match="`soft_cap` must be > 0"):
+  with pytest.raises(ValueError, match="`soft_cap` must be a finite number > 0"):
     loss(hs, ws, ht, wt, soft_cap=-1.0)
-  with pytest.raises(ValueError, match=r"`beta` must lie in \[0, 1\]"):
+  with pytest.raises(ValueError, match=r"`beta` must be in \[0, 1\]"):
     loss(hs, ws, ht, wt, divergence="jsd", beta=2.0)
   with pytest.raises(ValueError, match="`teacher_weights` must have shape"):
     loss(hs, ws, ht, wt, teacher_weights=np.ones(2, np.float32))

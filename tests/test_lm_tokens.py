@@ -206,7 +206,7 @@ def test_top_k_log_probs_errors():
     lm.top_k_log_probs(logits, 0)
   with pytest.raises(TypeError, match="`k` must be a Python int"):
     lm.top_k_log_probs(logits, 2.0)
-  with pytest.raises(ValueError, match="`temperature` must be > 0"):
+  with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
     lm.top_k_log_probs(logits, 2, temperature=0.0)
   with pytest.raises(TypeError, match="`teacher_logits`"):
     lm.top_k_log_probs(jnp.zeros((2, 6), jnp.int32), 2)

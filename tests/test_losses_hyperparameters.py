@@ -148,7 +148,7 @@ def test_traced_invalid_temperature_is_nan_even_in_masked_rows():
 
 
 def test_validation_helpers():
-  from jaxkd.losses import _validation as v  # pylint: disable=g-import-not-at-top
+  from jaxkd.losses import validation as v  # pylint: disable=g-import-not-at-top
 
   assert v.check_positive("t", 2.0) is True
   assert v.nan_unless(True, jnp.ones(2)).tolist() == [1.0, 1.0]
@@ -158,3 +158,24 @@ def test_validation_helpers():
   assert np.all(np.isnan(np.asarray(out)))
   with pytest.raises(TypeError, match="t"):
     v.check_positive("t", "2")
+
+
+def test_public_validation_module():
+  from jaxkd.losses import validation as v  # pylint: disable=g-import-not-at-top
+
+  assert all(callable(getattr(v, name)) for name in v.__all__)
+  assert v.check_int("n", np.int64(3), minimum=2) == 3
+  for bad, error in ((2.0, TypeError), (True, TypeError), (1, ValueError)):
+    with pytest.raises(error, match="`n`"):
+      v.check_int("n", bad, minimum=2)
+  with pytest.raises(ValueError, match=r"`mask` must have shape \(2,\)"):
+    v.check_boolean_mask("mask", np.ones(3, bool), (2,))
+  with pytest.raises(ValueError, match="`mask` of shape .* token shape"):
+    v.broadcast_where(np.ones(2, bool), (3,), name="mask",
+                      target="token shape")
+  x = jnp.arange(6.0).reshape(2, 3)
+  where = v.example_where(np.array([True, False]), x, axis=1)
+  assert where.shape == (2,)
+  np.testing.assert_array_equal(
+      v.zero_masked_examples(x, where, 1), [[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]]
+  )

@@ -38,14 +38,11 @@ def test_matches_float64_reference(x64, rng):
 def test_low_precision(rng, dtype):
   student, teacher = logits_pair(rng, dtype=np.float32)
   student, teacher = jnp.asarray(student, dtype), jnp.asarray(teacher, dtype)
-  actual = losses.logit_regression_loss(student, teacher)
   # 16-bit inputs are computed and returned in float32: float32 accuracy
   # against the reference of the rounded inputs.
-  assert actual.dtype == jnp.float32
-  expected = np_logit_regression(
-      np.asarray(student, np.float64), np.asarray(teacher, np.float64)
+  helpers.assert_float32_matches_reference(
+      losses.logit_regression_loss, np_logit_regression, student, teacher
   )
-  helpers.assert_close(actual, expected, rtol=1e-5)
 
 
 def test_golden_values():
@@ -162,24 +159,15 @@ def test_properties(pair, shift):
 
 @pytest.mark.parametrize(
     "kwargs, student_shape, student_dtype, error, match",
-    [
-        ({}, (2, 3), jnp.float32, ValueError, "same shape"),
-        ({}, (2, 4), jnp.int32, TypeError, "student_logits"),
-        (dict(axis=2), (2, 4), jnp.float32, ValueError, "axis"),
-        (dict(where=jnp.ones(2)), (2, 4), jnp.float32, TypeError, "where"),
-        (dict(where=jnp.ones(5, bool)), (2, 4), jnp.float32, ValueError,
-         "where"),
-    ],
+    helpers.LOGIT_PAIR_ERRORS,
 )
 def test_bad_input_raises_at_trace_time(
     kwargs, student_shape, student_dtype, error, match
 ):
-  student = jnp.zeros(student_shape, student_dtype)
-  teacher = jnp.zeros((2, 4))
-  with pytest.raises(error, match=match):
-    jax.jit(lambda s, t: losses.logit_regression_loss(s, t, **kwargs))(
-        student, teacher
-    )
+  helpers.assert_logit_pair_error(
+      losses.logit_regression_loss, kwargs, student_shape, student_dtype,
+      error, match,
+  )
 
 
 def test_integer_teacher_and_temperature_rejected():

@@ -231,7 +231,6 @@ def test_top_k_filter_matches_numpy(rng):
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(max_new_tokens=-1), "max_new_tokens"),
-        (dict(max_new_tokens=2.0), "max_new_tokens"),
         (dict(eos_id=-2), "eos_id"),
         (dict(prompt=PROMPT.astype(np.float32)), "prompt_tokens"),
         (dict(lengths=np.array([4, 2], np.int32)), "prompt_lengths"),
@@ -243,6 +242,11 @@ def test_top_k_filter_matches_numpy(rng):
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     run_sample(**kwargs)
+
+
+def test_a_non_integer_count_is_a_type_error():
+  with pytest.raises(TypeError, match="`max_new_tokens` must be a Python int"):
+    run_sample(max_new_tokens=2.0)
 
 
 def test_model_must_be_callable():

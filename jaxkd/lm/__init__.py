@@ -15,8 +15,9 @@
   teacher's per-token top-k log-probabilities in ArrayRecord files, read
   through grain with exact resumption.
 
-``jaxkd.lm`` imports ``jax``, ``numpy``, ``grain`` and ``array_record``
-only.
+``jaxkd.lm`` imports ``jax``, ``numpy``, ``grain``, ``array_record`` and,
+of jaxkd, only ``jaxkd.losses`` (its argument checks,
+:mod:`jaxkd.losses.validation`).
 """
 
 from jaxkd.lm._cache import TeacherCache as TeacherCache

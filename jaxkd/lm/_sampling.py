@@ -15,30 +15,17 @@ model: positions after the one read never influence it).
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.lm import _checks
+from jaxkd.losses import validation as v
 
 __all__ = ["sample", "top_k_filter", "top_p_filter"]
 
 Array = jax.Array
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-  if (
-      isinstance(value, bool)
-      or not isinstance(value, numbers.Integral)
-      or value < minimum
-  ):
-    raise ValueError(
-        f"`{name}` must be an integer >= {minimum}, got {value!r}."
-    )
-  return int(value)
 
 
 def top_k_filter(logits: Array, top_k: int) -> Array:
@@ -55,7 +42,8 @@ def top_k_filter(logits: Array, top_k: int) -> Array:
     The filtered logits, same shape and dtype.
 
   Raises:
-    ValueError: If ``top_k`` is not an integer in ``[1, vocab]``.
+    TypeError: If ``top_k`` is not a Python int.
+    ValueError: If ``top_k`` lies outside ``[1, vocab]``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -64,7 +52,7 @@ def top_k_filter(logits: Array, top_k: int) -> Array:
     [-inf  3.  2. -inf]
   """
   vocab = logits.shape[-1]
-  top_k = _check_int("top_k", top_k, minimum=1)
+  top_k = v.check_int("top_k", top_k, minimum=1)
   if top_k > vocab:
     raise ValueError(
         f"`top_k`={top_k} exceeds the vocabulary size {vocab}."
@@ -74,7 +62,7 @@ def top_k_filter(logits: Array, top_k: int) -> Array:
 
 
 def _check_top_p(top_p: Any) -> None:
-  concrete = _checks.concrete(top_p)
+  concrete = v.concrete_value(top_p)
   if concrete is not None and not (concrete.ndim == 0 and 0 < concrete <= 1):
     raise ValueError(f"`top_p` must be a scalar in (0, 1], got {top_p!r}.")
 
@@ -136,7 +124,7 @@ def _prompt_lengths(prompt_tokens: Array, prompt_lengths: Any) -> Array:
           "A boolean prompt mask must have the prompt's shape"
           f" {(batch, prompt_len)}, got {tuple(lengths.shape)}."
       )
-    concrete = _checks.concrete(prompt_lengths)
+    concrete = v.concrete_value(prompt_lengths)
     if concrete is not None and np.any(concrete[:, 1:] & ~concrete[:, :-1]):
       raise ValueError(
           "The prompt mask must be a prefix mask (right-padded prompts:"
@@ -152,7 +140,7 @@ def _prompt_lengths(prompt_tokens: Array, prompt_lengths: Any) -> Array:
         f" and dtype {lengths.dtype} for prompts of shape"
         f" {(batch, prompt_len)}."
     )
-  concrete = _checks.concrete(prompt_lengths)
+  concrete = v.concrete_value(prompt_lengths)
   if concrete is not None and (
       np.any(concrete < 1) or np.any(concrete > prompt_len)
   ):
@@ -220,7 +208,8 @@ def sample(
     including the first EOS.
 
   Raises:
-    TypeError: If ``model`` is not callable or has no ``apply``.
+    TypeError: If ``model`` is not callable or has no ``apply``, or a count
+      or token id is not a Python int.
     ValueError: For bad shapes, dtypes or hyper-parameters (named).
   """
   apply: Callable[..., Any] = getattr(model, "apply", model)
@@ -229,15 +218,15 @@ def sample(
         "`model` must be a jaxkd Model or an apply function, got"
         f" {type(model).__name__}."
     )
-  max_new_tokens = _check_int("max_new_tokens", max_new_tokens, minimum=0)
-  pad_id = _check_int("pad_id", pad_id, minimum=0)
+  max_new_tokens = v.check_int("max_new_tokens", max_new_tokens, minimum=0)
+  pad_id = v.check_int("pad_id", pad_id, minimum=0)
   if eos_id is not None:
-    eos_id = _check_int("eos_id", eos_id, minimum=0)
+    eos_id = v.check_int("eos_id", eos_id, minimum=0)
   if top_k is not None:
-    _check_int("top_k", top_k, minimum=1)
+    v.check_int("top_k", top_k, minimum=1)
   if top_p is not None:
     _check_top_p(top_p)
-  concrete_temperature = _checks.concrete(temperature)
+  concrete_temperature = v.concrete_value(temperature)
   if concrete_temperature is not None and not (
       concrete_temperature.ndim == 0 and concrete_temperature >= 0
   ):

@@ -15,32 +15,22 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxkd.lm import _checks as c
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
-
-__all__ = [
-    "NextTokenTargets",
-    "mean_from_sum_and_count",
-    "next_token_logits",
-    "next_token_targets",
-    "token_mean",
-    "token_sum_and_count",
-    "top_k_log_probs",
-]
 
 
 def _masked_values(
     per_token: ArrayLike, mask: ArrayLike | None
 ) -> tuple[Array, Array]:
   """``per_token`` in the compute dtype with masked entries set to 0."""
-  c.floating("per_token", per_token)
+  v.check_floating("per_token", per_token)
   per_token = jnp.asarray(per_token)
-  per_token = per_token.astype(c.compute_dtype(per_token))
+  per_token = per_token.astype(v.compute_dtype(per_token))
   if mask is None:
     return per_token, jnp.ones(per_token.shape, jnp.bool_)
-  mask = c.boolean_mask("mask", mask, per_token.shape)
+  mask = v.check_boolean_mask("mask", mask, per_token.shape)
   # A where rather than a product: a masked nan or inf reaches neither the
   # value nor the gradient.
   zero = jnp.zeros((), per_token.dtype)
@@ -191,9 +181,9 @@ def next_token_targets(
 
   .. versionadded:: 0.1.0
   """
-  c.integer("tokens", tokens)
+  v.check_integer("tokens", tokens)
   tokens = jnp.asarray(tokens)
-  c.min_rank("tokens", tokens, 1)
+  v.check_min_rank("tokens", tokens, 1)
   if tokens.shape[-1] < 2:
     raise ValueError(
         "`tokens` needs at least 2 positions along its last (time) axis to"
@@ -201,10 +191,10 @@ def next_token_targets(
     )
   valid = jnp.ones(tokens.shape, jnp.bool_)
   if mask is not None:
-    valid = c.boolean_mask("mask", mask, tokens.shape)
+    valid = v.check_boolean_mask("mask", mask, tokens.shape)
   target_mask = valid[..., :-1] & valid[..., 1:]
   if prompt_mask is not None:
-    prompt_mask = c.boolean_mask("prompt_mask", prompt_mask, tokens.shape)
+    prompt_mask = v.check_boolean_mask("prompt_mask", prompt_mask, tokens.shape)
     target_mask = target_mask & ~prompt_mask[..., 1:]
   return NextTokenTargets(tokens[..., :-1], tokens[..., 1:], target_mask)
 
@@ -238,7 +228,7 @@ def next_token_logits(
   .. versionadded:: 0.1.0
   """
   outputs = jnp.asarray(outputs)
-  c.min_rank("outputs", outputs, 2)
+  v.check_min_rank("outputs", outputs, 2)
   shifted = outputs[..., :-1, :]
   if targets is not None:
     targets = jnp.asarray(targets)
@@ -287,20 +277,20 @@ def top_k_log_probs(
 
   .. versionadded:: 0.1.0
   """
-  c.floating("teacher_logits", teacher_logits)
+  v.check_floating("teacher_logits", teacher_logits)
   teacher_logits = jnp.asarray(teacher_logits)
-  c.min_rank("teacher_logits", teacher_logits, 1)
+  v.check_min_rank("teacher_logits", teacher_logits, 1)
   vocab = teacher_logits.shape[-1]
-  k = c.positive_int("k", k)
+  k = v.check_int("k", k)
   if k > vocab:
     raise ValueError(
         f"`k`={k} exceeds the vocabulary size {vocab} (the last axis of"
         f" `teacher_logits`, shape {tuple(teacher_logits.shape)})."
     )
-  c.positive("temperature", temperature)
-  dtype = c.compute_dtype(teacher_logits)
+  v.check_positive("temperature", temperature)
+  dtype = v.compute_dtype(teacher_logits)
   temperature = jnp.asarray(temperature).astype(dtype)
-  temperature = c.nan_unless(temperature > 0, temperature)
+  temperature = v.nan_unless(temperature > 0, temperature)
   log_probs = jax.nn.log_softmax(teacher_logits.astype(dtype) / temperature)
   values, indices = jax.lax.top_k(log_probs, k)
   return values, indices.astype(jnp.int32)

@@ -15,9 +15,10 @@ from jaxkd.losses._soft_target import soft_targets as soft_targets
 
 from jaxkd.losses._divergences import jensen_shannon_divergence as jensen_shannon_divergence
 from jaxkd.losses._divergences import reverse_kl_divergence as reverse_kl_divergence
-from jaxkd.losses._divergences import skew_kl_divergence as skew_kl_divergence
-from jaxkd.losses._divergences import skew_reverse_kl_divergence as skew_reverse_kl_divergence
 from jaxkd.losses._divergences import total_variation_distance as total_variation_distance
+
+from jaxkd.losses._skew import skew_kl_divergence as skew_kl_divergence
+from jaxkd.losses._skew import skew_reverse_kl_divergence as skew_reverse_kl_divergence
 
 from jaxkd.losses._sparse import sparse_kl_divergence as sparse_kl_divergence
 
@@ -28,10 +29,10 @@ from jaxkd.losses._decoupled import dkd_loss as dkd_loss
 from jaxkd.losses._perturbation import perturb_inputs as perturb_inputs
 from jaxkd.losses._perturbation import perturbed_kd_loss as perturbed_kd_loss
 
-from jaxkd.losses._multi_teacher import ensemble_log_soft_targets as ensemble_log_soft_targets
-from jaxkd.losses._multi_teacher import ensemble_soft_targets as ensemble_soft_targets
+from jaxkd.losses._ensemble import ensemble_log_soft_targets as ensemble_log_soft_targets
+from jaxkd.losses._ensemble import ensemble_soft_targets as ensemble_soft_targets
+from jaxkd.losses._ensemble import teacher_confidence_weights as teacher_confidence_weights
 from jaxkd.losses._multi_teacher import multi_teacher_kd_loss as multi_teacher_kd_loss
-from jaxkd.losses._multi_teacher import teacher_confidence_weights as teacher_confidence_weights
 
 from jaxkd.losses._feature import attention_transfer_loss as attention_transfer_loss
 from jaxkd.losses._feature import hint_loss as hint_loss

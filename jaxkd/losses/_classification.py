@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
@@ -160,6 +160,23 @@ def _cross_entropy_core(
   return loss
 
 
+def prepare_logits(
+    name: str, logits: ArrayLike, axis: int, where: ArrayLike | None
+) -> tuple[Array, int, Array | None]:
+  """Checks one logit array and its mask; returns them cast and masked.
+
+  ``(logits, axis, where)``: the logits in the compute dtype with the
+  masked-out examples zeroed, ``axis`` non-negative, ``where`` broadcast to
+  the per-example shape.
+  """
+  v.check_floating(name, logits)
+  v.check_min_rank(name, logits, 1)
+  axis = v.normalize_axis(name, logits, axis)
+  (logits,) = v.as_compute_dtype(logits)
+  where = v.example_where(where, logits, axis)
+  return v.zero_masked_examples(logits, where, axis), axis, where
+
+
 def cross_entropy_loss(
     logits: Array,
     labels: ArrayLike,
@@ -238,17 +255,8 @@ def cross_entropy(
 
   .. versionadded:: 0.1.0
   """
-  v.check_floating("logits", logits)
-  v.check_min_rank("logits", logits, 1)
   smoothing_valid = v.check_in_unit_interval("label_smoothing", label_smoothing)
-  axis = v.normalize_axis("logits", logits, axis)
-  (logits,) = v.as_compute_dtype(logits)
-  per_example_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-  where = v.broadcast_where(where, per_example_shape)
-  if where is not None:
-    logits = jnp.where(
-        jnp.expand_dims(where, axis), logits, jnp.zeros((), logits.dtype)
-    )
+  logits, axis, where = prepare_logits("logits", logits, axis, where)
   loss = cross_entropy_loss(
       logits, labels, label_smoothing=label_smoothing, axis=axis, where=where
   )

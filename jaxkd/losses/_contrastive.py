@@ -13,9 +13,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
@@ -43,14 +42,6 @@ class CRDQueue(NamedTuple):
 
   student: Array
   teacher: Array
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"`{name}` must be a positive int, got {value!r}.")
-  if value < 1:
-    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-  return int(value)
 
 
 def _l2_normalize(x: Array) -> Array:
@@ -95,8 +86,8 @@ def init_crd_queue(
 
   .. versionadded:: 0.1.0
   """
-  size = _check_positive_int("size", size)
-  dim = _check_positive_int("dim", dim)
+  size = v.check_int("size", size)
+  dim = v.check_int("dim", dim)
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"`dtype` must be a floating dtype, got {dtype}.")

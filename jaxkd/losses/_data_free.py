@@ -17,8 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxkd.losses import _classification
 from jaxkd.losses import _soft_target
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
@@ -153,16 +154,9 @@ def dafl_one_hot_loss(
 
   .. versionadded:: 0.1.0
   """
-  v.check_floating("teacher_logits", teacher_logits)
-  v.check_min_rank("teacher_logits", teacher_logits, 1)
-  axis = v.normalize_axis("teacher_logits", teacher_logits, axis)
-  (logits,) = v.as_compute_dtype(teacher_logits)
-  per_example_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-  where = v.broadcast_where(where, per_example_shape)
-  if where is not None:
-    logits = jnp.where(
-        jnp.expand_dims(where, axis), logits, jnp.zeros((), logits.dtype)
-    )
+  logits, axis, where = _classification.prepare_logits(
+      "teacher_logits", teacher_logits, axis, where
+  )
   log_probs = jax.nn.log_softmax(logits, axis=axis)
   pseudo_label = jnp.argmax(logits, axis=axis, keepdims=True)
   loss = -jnp.take_along_axis(log_probs, pseudo_label, axis=axis)

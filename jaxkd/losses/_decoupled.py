@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxkd.losses import _log_ratio
 from jaxkd.losses import _soft_target
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
@@ -233,30 +233,25 @@ def dkd_loss(
 
   .. versionadded:: 0.1.0
   """
-  alpha_valid = v.check_non_negative("alpha", alpha)
-  beta_valid = v.check_non_negative("beta", beta)
-  student_logits, teacher_logits, axis, where, temperature_valid = (
-      _soft_target.prepare_logit_pair(
-          student_logits, teacher_logits, temperature=temperature, axis=axis,
-          where=where,
-      )
+  checks = (
+      v.check_non_negative("alpha", alpha), v.check_non_negative("beta", beta)
   )
-  num_classes = student_logits.shape[axis]
-  if num_classes < 2:
-    raise ValueError(
-        "`student_logits` must have at least 2 classes along `axis` for DKD"
-        f" (a target and a non-target class), got shape"
-        f" {tuple(student_logits.shape)} with axis={axis}."
-    )
-  targets = _target_indices(labels, student_logits, axis, where)
-  dtype = student_logits.dtype
 
-  loss = _dkd_core(
-      student_logits, teacher_logits, targets, alpha, beta, temperature, axis
-  )
-  return v.nan_unless(
-      v.all_valid(temperature_valid, alpha_valid, beta_valid),
-      v.apply_where(loss, where),
+  def core(student, teacher, axis, where):
+    if student.shape[axis] < 2:
+      raise ValueError(
+          "`student_logits` must have at least 2 classes along `axis` for DKD"
+          f" (a target and a non-target class), got shape"
+          f" {tuple(student.shape)} with axis={axis}."
+      )
+    targets = _target_indices(labels, student, axis, where)
+    return _dkd_core(
+        student, teacher, targets, alpha, beta, temperature, axis
+    )
+
+  return _soft_target.logit_pair_loss(
+      core, student_logits, teacher_logits, temperature=temperature,
+      axis=axis, where=where, checks=checks,
   )
 
 

@@ -2,7 +2,9 @@ r"""Divergences between the student's and the teacher's soft targets.
 
 Alternatives to the forward KL of :func:`jaxkd.losses.kl_divergence`: the
 mode-seeking reverse KL, the generalized Jensen-Shannon divergence that
-interpolates between the two, and the total variation distance. All of them
+interpolates between the two (its KL-to-a-mixture step, shared with the
+skew KLs of :mod:`jaxkd.losses._skew`, is :mod:`jaxkd.losses._mixture`),
+and the total variation distance. All of them
 take raw logits and form probabilities in log space
 (``log_softmax(z / T)``); none applies a :math:`T^2` factor.
 
@@ -22,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd.losses import _log_ratio
+from jaxkd.losses import _mixture
 from jaxkd.losses import _soft_target
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
@@ -80,18 +83,15 @@ def reverse_kl_divergence(
 
   .. versionadded:: 0.1.0
   """
-  student_logits, teacher_logits, axis, where, valid = (
-      _soft_target.prepare_logit_pair(
-          student_logits, teacher_logits, temperature=temperature, axis=axis,
-          where=where,
-      )
-  )
   # The forward KL with the roles swapped: the student is the reference
   # distribution, so its impossible classes contribute exactly zero.
-  loss = _soft_target.kl_from_logits(
-      student_logits, teacher_logits, temperature, axis
+  return _soft_target.logit_pair_loss(
+      lambda student, teacher, axis, _: _soft_target.kl_from_logits(
+          student, teacher, temperature, axis
+      ),
+      student_logits, teacher_logits, temperature=temperature, axis=axis,
+      where=where,
   )
-  return v.nan_unless(valid, v.apply_where(loss, where))
 
 
 def jensen_shannon_divergence(
@@ -208,18 +208,12 @@ def jensen_shannon_divergence(
   """
   if not isinstance(normalize, bool):
     raise TypeError(f"`normalize` must be a bool, got {normalize!r}.")
-  beta_valid = v.check_in_unit_interval("beta", beta)
-  student_logits, teacher_logits, axis, where, valid = (
-      _soft_target.prepare_logit_pair(
-          student_logits, teacher_logits, temperature=temperature, axis=axis,
-          where=where,
-      )
-  )
-  loss = _jsd_core(
-      student_logits, teacher_logits, beta, temperature, normalize, axis
-  )
-  return v.nan_unless(
-      v.all_valid(valid, beta_valid), v.apply_where(loss, where)
+  return _soft_target.logit_pair_loss(
+      lambda student, teacher, axis, _: _jsd_core(
+          student, teacher, beta, temperature, normalize, axis
+      ),
+      student_logits, teacher_logits, temperature=temperature, axis=axis,
+      where=where, checks=(v.check_in_unit_interval("beta", beta),),
   )
 
 
@@ -235,15 +229,9 @@ def _jsd_core(
     axis: int,
 ) -> Array:
   dtype = student_logits.dtype
-  beta = jnp.asarray(beta).astype(dtype)
-  pair = _log_ratio.logit_pair(
-      teacher_logits, student_logits, temperature, axis
+  pair, beta, interior, safe_beta = _mixture.weighted_pair(
+      student_logits, teacher_logits, beta, temperature, axis
   )
-  # At beta = 0 or 1 one of log(beta), log(1 - beta) is -inf and its KL term
-  # is 0 * (possibly inf): compute with a harmless beta there and return the
-  # exact limit instead (double where: no nan in either pass).
-  interior = (beta > 0) & (beta < 1)
-  safe_beta = jnp.where(interior, beta, jnp.full((), 0.5, dtype))
   loss = _generalized_jsd(pair, safe_beta)
   if normalize:
     loss = loss / (safe_beta * (1 - safe_beta))
@@ -256,79 +244,12 @@ def _jsd_core(
   return v.nan_where_nan(loss, student_logits, teacher_logits, axis=axis)
 
 
-def _kl_to_mixture(
-    log_self: Array,
-    log_other: Array,
-    log_ratio: Array,
-    both: Array,
-    self_only: Array,
-    other_only: Array,
-    weights: tuple[Array, Array, Array, Array],
-    axis: int,
-) -> Array:
-  r""":math:`\mathrm{KL}(r \,\|\, m)` for :math:`m = w r + (1 - w) o`.
-
-  ``log_ratio`` is :math:`\log(o / r)` on ``both``; ``log_self`` and
-  ``log_other`` are the normalised log-probabilities of :math:`r` and
-  :math:`o`. On ``both`` :math:`\log(m / r) = \log(w + (1 - w) e^{g})`;
-  where only :math:`r` has mass it is :math:`\log w`. The divergence is the
-  centred gap of these log-ratios over :math:`r`'s support plus
-  :math:`-\log m(\mathrm{supp}\, r)`, the mixture's mass outside it.
-  ``weights`` is ``(w, 1 - w, log w, log(1 - w))``, each formed directly so
-  that a tiny ``w`` or ``1 - w`` keeps its precision.
-  """
-  dtype = log_self.dtype
-  zero = jnp.zeros((), dtype)
-  weight_self, weight_other, log_w_self, log_w_other = weights
-  log_m_over_r = jnp.where(
-      both,
-      _log_ratio.log_two_point(
-          log_ratio, weight_self, weight_other, log_w_self, log_w_other
-      ),
-      jnp.where(self_only, log_w_self, zero),
-  )
-  support = both | self_only
-  # log m itself, the exponent of each term: for classes where r and o are
-  # far apart, log r + log(m / r) would add a large negative and a large
-  # positive number, so it is formed as a log-sum of the two parts there.
-  safe_self = jnp.where(support, log_self, zero)
-  safe_other = jnp.where(both, log_other, zero)
-  near = both & (jnp.abs(log_ratio) <= 1)
-  log_m = jnp.where(
-      near,
-      safe_self + log_m_over_r,
-      jnp.where(
-          both,
-          jnp.logaddexp(log_w_self + safe_self, log_w_other + safe_other),
-          log_w_self + safe_self,
-      ),
-  )
-  gap, _ = _log_ratio.centered_gap(
-      log_self, log_m_over_r, support, axis, log_p_plus_d=log_m
-  )
-  # m(supp r) = w + (1 - w) O(both) = 1 - (1 - w) O(other only).
-  other_out = jnp.exp(_log_ratio.masked_logsumexp(log_other, other_only, axis))
-  log_other_in = _log_ratio.masked_logsumexp(log_other, both, axis)
-  log_mass = jnp.where(
-      other_out < 0.5,
-      jnp.log1p(-weight_other * other_out),
-      jnp.logaddexp(log_w_self, log_w_other + log_other_in),
-  )
-  return gap - log_mass
-
-
 def _generalized_jsd(pair: _log_ratio.LogitPair, beta: Array) -> Array:
   """``beta KL(p_T || m) + (1 - beta) KL(p_S || m)`` for ``0 < beta < 1``."""
-  g = _log_ratio.log_ratio(pair)  # log(p_S / p_T) on both
-  one_minus = 1 - beta
-  log_beta, log_one_minus = jnp.log(beta), jnp.log1p(-beta)
-  teacher_term = _kl_to_mixture(
-      pair.log_p, pair.log_q, g, pair.both, pair.p_only, pair.q_only,
-      (beta, one_minus, log_beta, log_one_minus), pair.axis,
-  )
-  student_term = _kl_to_mixture(
-      pair.log_q, pair.log_p, -g, pair.both, pair.q_only, pair.p_only,
-      (one_minus, beta, log_one_minus, log_beta), pair.axis,
+  weights = _mixture.mixture_weights(beta)
+  teacher_term = _mixture.kl_to_mixture(pair, weights, of_student=False)
+  student_term = _mixture.kl_to_mixture(
+      pair, _mixture.swapped(weights), of_student=True
   )
   return beta * teacher_term + (1 - beta) * student_term
 
@@ -381,14 +302,13 @@ def total_variation_distance(
 
   .. versionadded:: 0.1.0
   """
-  student_logits, teacher_logits, axis, where, valid = (
-      _soft_target.prepare_logit_pair(
-          student_logits, teacher_logits, temperature=temperature, axis=axis,
-          where=where,
-      )
+  return _soft_target.logit_pair_loss(
+      lambda student, teacher, axis, _: _tvd_core(
+          student, teacher, temperature, axis
+      ),
+      student_logits, teacher_logits, temperature=temperature, axis=axis,
+      where=where,
   )
-  loss = _tvd_core(student_logits, teacher_logits, temperature, axis)
-  return v.nan_unless(valid, v.apply_where(loss, where))
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
@@ -419,189 +339,4 @@ def _tvd_core(
   gaps = gaps + jnp.where(pair.p_only, p_teacher, zero)
   gaps = gaps + jnp.where(pair.q_only, p_student, zero)
   loss = 0.5 * jnp.sum(gaps, axis=axis)
-  return v.nan_where_nan(loss, student_logits, teacher_logits, axis=axis)
-
-
-def _check_skew(alpha: ArrayLike) -> Any:
-  return v.check_in_unit_interval("alpha", alpha)
-
-
-def skew_kl_divergence(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    alpha: ArrayLike = 0.1,
-    temperature: ArrayLike = 1.0,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-) -> Array:
-  r"""Skew KL divergence of DistiLLM: the teacher against a teacher-student mix.
-
-  .. math::
-    \mathrm{SKL}_\alpha = \mathrm{KL}\big(p^T \,\big\|\,
-    \alpha\, p^T + (1 - \alpha)\, p^S\big),
-    \quad p = \mathrm{softmax}(z / T)
-
-  ``alpha = 0`` is the forward KL :math:`\mathrm{KL}(p^T \| p^S)` of
-  :func:`kl_divergence` (returned exactly), ``alpha = 1`` is 0. Mixing in
-  the teacher bounds the divergence by :math:`-\log \alpha` and keeps its
-  gradient finite where the student gives a class almost no mass, which
-  stabilises early training of language-model students. The log of the
-  mixture is a ``logaddexp`` of the weighted log-probabilities, and the
-  divergence is computed from the logit difference (accurate in float32 at
-  any temperature).
-
-  This is the true KL. distillm's ``skewed_forward_kl`` returns the
-  cross-entropy :math:`-\sum_c p^T_c \log m_c`, that is this value plus the
-  teacher's entropy :math:`H(p^T)` (a constant for a frozen teacher, so the
-  same gradient); its ``lam`` is ``alpha`` here. No :math:`T^2` factor is
-  applied.
-
-  Args:
-    student_logits: Floating logits of shape ``[..., num_classes]`` (for a
-      language model ``[..., vocab]``, one distribution per token).
-    teacher_logits: Floating logits of the same shape.
-    alpha: Weight :math:`\alpha \in [0, 1]` of the teacher in the mixture
-      (DistiLLM uses 0.1). A traced value outside ``[0, 1]`` gives ``nan``.
-    temperature: Softmax temperature :math:`T > 0` applied to both.
-    axis: The class axis.
-    where: Optional boolean mask broadcastable to the per-example shape
-      ``[...]`` (a token mask); masked-out examples give 0 and no gradient.
-
-  Returns:
-    The per-example divergence, shape ``[...]``; float32 for bfloat16 and
-    float16 inputs. Finite for ``alpha > 0`` whenever each row holds a finite
-    logit.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from jaxkd import losses
-    >>> student = jnp.array([[0.0, -jnp.inf], [0.0, 0.0]])
-    >>> teacher = jnp.array([[-jnp.inf, 0.0], [0.0, 2.0]])
-    >>> print(losses.skew_kl_divergence(student, teacher).round(4))
-    [2.3026 0.2726]
-
-  References:
-    Ko, Kim, Chen and Yun, `DistiLLM: Towards Streamlined Distillation for
-    Large Language Models <https://arxiv.org/abs/2402.03898>`_, 2024.
-
-  .. seealso:: :func:`skew_reverse_kl_divergence`, :func:`kl_divergence`.
-
-  .. versionadded:: 0.1.0
-  """
-  return _skew(
-      student_logits, teacher_logits, alpha=alpha, temperature=temperature,
-      axis=axis, where=where, reverse=False,
-  )
-
-
-def skew_reverse_kl_divergence(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    alpha: ArrayLike = 0.1,
-    temperature: ArrayLike = 1.0,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-) -> Array:
-  r"""Skew reverse KL of DistiLLM: the student against a student-teacher mix.
-
-  .. math::
-    \mathrm{SRKL}_\alpha = \mathrm{KL}\big(p^S \,\big\|\,
-    \alpha\, p^S + (1 - \alpha)\, p^T\big),
-    \quad p = \mathrm{softmax}(z / T)
-
-  ``alpha = 0`` is the reverse KL :math:`\mathrm{KL}(p^S \| p^T)` of
-  :func:`reverse_kl_divergence` (returned exactly), ``alpha = 1`` is 0; the
-  divergence is at most :math:`-\log \alpha`. It equals distillm's
-  ``skewed_reverse_kl`` (which, unlike its forward counterpart, is a true KL)
-  with ``lam = alpha``. Computed like :func:`skew_kl_divergence`; no
-  :math:`T^2` factor is applied.
-
-  Args:
-    student_logits: Floating logits of shape ``[..., num_classes]``.
-    teacher_logits: Floating logits of the same shape.
-    alpha: Weight :math:`\alpha \in [0, 1]` of the student in the mixture.
-      A traced value outside ``[0, 1]`` gives ``nan``.
-    temperature: Softmax temperature :math:`T > 0` applied to both.
-    axis: The class axis.
-    where: Optional boolean mask broadcastable to the per-example shape
-      ``[...]``; masked-out examples give 0 and no gradient.
-
-  Returns:
-    The per-example divergence, shape ``[...]``; float32 for bfloat16 and
-    float16 inputs.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from jaxkd import losses
-    >>> student = jnp.array([[0.0, -jnp.inf], [0.0, 0.0]])
-    >>> teacher = jnp.array([[-jnp.inf, 0.0], [0.0, 2.0]])
-    >>> print(losses.skew_reverse_kl_divergence(student, teacher).round(4))
-    [2.3026 0.3173]
-
-  References:
-    Ko, Kim, Chen and Yun, `DistiLLM: Towards Streamlined Distillation for
-    Large Language Models <https://arxiv.org/abs/2402.03898>`_, 2024.
-
-  .. seealso:: :func:`skew_kl_divergence`, :func:`reverse_kl_divergence`.
-
-  .. versionadded:: 0.1.0
-  """
-  return _skew(
-      student_logits, teacher_logits, alpha=alpha, temperature=temperature,
-      axis=axis, where=where, reverse=True,
-  )
-
-
-def _skew(student_logits, teacher_logits, *, alpha, temperature, axis, where,
-          reverse):
-  alpha_valid = _check_skew(alpha)
-  student_logits, teacher_logits, axis, where, valid = (
-      _soft_target.prepare_logit_pair(
-          student_logits, teacher_logits, temperature=temperature, axis=axis,
-          where=where,
-      )
-  )
-  loss = _skew_core(
-      student_logits, teacher_logits, alpha, temperature, reverse, axis
-  )
-  return v.nan_unless(
-      v.all_valid(valid, alpha_valid), v.apply_where(loss, where)
-  )
-
-
-@functools.partial(jax.jit, static_argnames=("reverse", "axis"))
-def _skew_core(
-    student_logits: Array,
-    teacher_logits: Array,
-    alpha: ArrayLike,
-    temperature: ArrayLike,
-    reverse: bool,
-    axis: int,
-) -> Array:
-  dtype = student_logits.dtype
-  alpha = jnp.asarray(alpha).astype(dtype)
-  pair = _log_ratio.logit_pair(
-      teacher_logits, student_logits, temperature, axis
-  )
-  interior = (alpha > 0) & (alpha < 1)
-  safe = jnp.where(interior, alpha, jnp.full((), 0.5, dtype))
-  weights = (safe, 1 - safe, jnp.log(safe), jnp.log1p(-safe))
-  g = _log_ratio.log_ratio(pair)  # log(p_S / p_T) on both
-  if reverse:
-    skew = _kl_to_mixture(
-        pair.log_q, pair.log_p, -g, pair.both, pair.q_only, pair.p_only,
-        weights, axis,
-    )
-    plain = _log_ratio.reverse_kl(pair)
-  else:
-    skew = _kl_to_mixture(
-        pair.log_p, pair.log_q, g, pair.both, pair.p_only, pair.q_only,
-        weights, axis,
-    )
-    plain = _log_ratio.forward_kl(pair)
-  loss = jnp.where(
-      interior, skew, jnp.where(alpha == 0, plain, jnp.zeros((), dtype))
-  )
   return v.nan_where_nan(loss, student_logits, teacher_logits, axis=axis)

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
@@ -55,6 +55,31 @@ def safe_norm(x: Array, axis: int) -> Array:
   one = jnp.ones((), squared_norm.dtype)
   root = jnp.sqrt(jnp.where(positive, squared_norm, one))
   return jnp.where(positive, root, jnp.zeros((), root.dtype))
+
+
+def prepare_feature_pair(
+    student_name: str,
+    student: Any,
+    teacher_name: str,
+    teacher: Any,
+    *,
+    advice: str,
+) -> tuple[Array, Array]:
+  """Checks two floating arrays of one shape (rank >= 2); casts them.
+
+  Returns both in the compute dtype. A shape mismatch raises ``ValueError``
+  naming both arguments and ending with ``advice`` (how to project one onto
+  the other).
+  """
+  v.check_floating(student_name, student)
+  v.check_floating(teacher_name, teacher)
+  v.check_min_rank(student_name, student, 2)
+  if tuple(student.shape) != tuple(teacher.shape):
+    raise ValueError(
+        f"`{student_name}` and `{teacher_name}` must have the same shape, got"
+        f" {tuple(student.shape)} and {tuple(teacher.shape)}. {advice}"
+    )
+  return v.as_compute_dtype(student, teacher)
 
 
 def mask_examples(x: Array, where: Array | None) -> Array:
@@ -188,17 +213,12 @@ def hint_loss(
   .. versionadded:: 0.1.0
   """
   v.check_choice("kind", kind, _HINT_KINDS)
-  v.check_floating("student_features", student_features)
-  v.check_floating("teacher_features", teacher_features)
-  v.check_min_rank("student_features", student_features, 2)
-  if tuple(student_features.shape) != tuple(teacher_features.shape):
-    raise ValueError(
-        "`student_features` and `teacher_features` must have the same shape,"
-        f" got {tuple(student_features.shape)} and"
-        f" {tuple(teacher_features.shape)}. Project the student's features"
-        " to the teacher's shape with an adaptor from `jaxkd.adaptors`."
-    )
-  student, teacher = v.as_compute_dtype(student_features, teacher_features)
+  student, teacher = prepare_feature_pair(
+      "student_features", student_features, "teacher_features",
+      teacher_features,
+      advice="Project the student's features to the teacher's shape with an"
+      " adaptor from `jaxkd.adaptors`.",
+  )
   where = v.broadcast_where(where, student.shape[:1])
   student = mask_examples(student, where)
   teacher = mask_examples(teacher, where)

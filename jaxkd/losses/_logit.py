@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd.losses import _soft_target
-from jaxkd.losses import _validation as v
 
 Array = jax.Array
 ArrayLike = Any
@@ -65,11 +64,9 @@ def logit_regression_loss(
   .. versionadded:: 0.1.0
   """
   # Temperature 1 only satisfies the shared checks; it is not used.
-  student_logits, teacher_logits, axis, where, _ = (
-      _soft_target.prepare_logit_pair(
-          student_logits, teacher_logits, temperature=1.0, axis=axis,
-          where=where,
-      )
+  return _soft_target.logit_pair_loss(
+      lambda student, teacher, axis, _: jnp.mean(
+          jnp.square(student - teacher), axis=axis
+      ),
+      student_logits, teacher_logits, temperature=1.0, axis=axis, where=where,
   )
-  loss = jnp.mean(jnp.square(student_logits - teacher_logits), axis=axis)
-  return v.apply_where(loss, where)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd.losses import _soft_target
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
@@ -39,20 +39,8 @@ def _check_key(key: Any) -> Array:
     return jnp.asarray(key)
   raise TypeError(
       "`key` must be a PRNG key from `jax.random.key(seed)` (or a raw uint32"
-      f" key from `jax.random.PRNGKey(seed)`), got {v._describe(key)}."
+      f" key from `jax.random.PRNGKey(seed)`), got {v.describe(key)}."
   )
-
-
-def _check_num_samples(num_samples: Any) -> int:
-  if isinstance(num_samples, bool) or not isinstance(
-      num_samples, (int, np.integer)
-  ):
-    raise TypeError(
-        f"`num_samples` must be a Python int, got {num_samples!r}."
-    )
-  if num_samples < 1:
-    raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
-  return int(num_samples)
 
 
 def _perturb_logits(
@@ -171,33 +159,28 @@ def perturbed_kd_loss(
   .. versionadded:: 0.1.0
   """
   v.check_choice("noise", noise, _NOISE_KINDS)
-  num_samples = _check_num_samples(num_samples)
+  num_samples = v.check_int("num_samples", num_samples)
   scale_valid = v.check_non_negative("noise_scale", noise_scale)
   key = _check_key(key)
-  student_logits, teacher_logits, axis, where, valid = (
-      _soft_target.prepare_logit_pair(
-          student_logits, teacher_logits, temperature=temperature, axis=axis,
-          where=where,
-      )
-  )
-  # The class axis goes last so that the draws do not depend on `axis`.
-  student_logits = jnp.moveaxis(student_logits, axis, -1)
-  teacher_logits = jnp.moveaxis(teacher_logits, axis, -1)
-  dtype = student_logits.dtype
-  noise_scale = jnp.asarray(noise_scale).astype(dtype)
 
-  def one_draw(draw_key: Array) -> Array:
-    perturbed = _perturb_logits(teacher_logits, draw_key, noise, noise_scale)
-    # The accurate KL of the logit pair (any temperature, see kd_loss).
-    return _soft_target.kl_from_logits(
-        perturbed, student_logits, temperature, -1
-    )
+  def core(student, teacher, axis, _):
+    # The class axis goes last so that the draws do not depend on `axis`.
+    student = jnp.moveaxis(student, axis, -1)
+    teacher = jnp.moveaxis(teacher, axis, -1)
+    dtype = student.dtype
+    scale = jnp.asarray(noise_scale).astype(dtype)
 
-  kl = jax.vmap(one_draw)(jax.random.split(key, num_samples))
-  temperature = jnp.asarray(temperature).astype(dtype)
-  loss = temperature**2 * jnp.mean(kl, axis=0)
-  return v.nan_unless(
-      v.all_valid(valid, scale_valid), v.apply_where(loss, where)
+    def one_draw(draw_key: Array) -> Array:
+      perturbed = _perturb_logits(teacher, draw_key, noise, scale)
+      # The accurate KL of the logit pair (any temperature, see kd_loss).
+      return _soft_target.kl_from_logits(perturbed, student, temperature, -1)
+
+    kl = jax.vmap(one_draw)(jax.random.split(key, num_samples))
+    return jnp.asarray(temperature).astype(dtype)**2 * jnp.mean(kl, axis=0)
+
+  return _soft_target.logit_pair_loss(
+      core, student_logits, teacher_logits, temperature=temperature,
+      axis=axis, where=where, checks=(scale_valid,),
   )
 
 
@@ -258,7 +241,7 @@ def perturb_inputs(
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
         "`inputs` must be a floating-point array, got"
-        f" {v._describe(inputs)}. Normalise integer images first, e.g."
+        f" {v.describe(inputs)}. Normalise integer images first, e.g."
         " `images.astype(jnp.float32) / 255`."
     )
   valid = v.check_non_negative("noise_scale", noise_scale)

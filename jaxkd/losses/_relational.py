@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxkd.losses import _feature
 from jaxkd.losses import _soft_target
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any

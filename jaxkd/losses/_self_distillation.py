@@ -17,20 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd.losses import _soft_target
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
-
-
-def _check_num_classes(num_classes: Any) -> int:
-  if isinstance(num_classes, bool) or not isinstance(
-      num_classes, (int, np.integer)
-  ):
-    raise TypeError(f"`num_classes` must be an int, got {num_classes!r}.")
-  if num_classes < 2:
-    raise ValueError(f"`num_classes` must be >= 2, got {num_classes!r}.")
-  return int(num_classes)
 
 
 def _check_correct_probability(value: Any) -> Any:
@@ -163,7 +153,7 @@ def virtual_teacher_targets(
 
   .. versionadded:: 0.1.0
   """
-  num_classes = _check_num_classes(num_classes)
+  num_classes = v.check_int("num_classes", num_classes, minimum=2)
   valid = _check_correct_probability(correct_probability)
   labels = _check_labels(labels, num_classes)
   dtype = _default_dtype(dtype)
@@ -217,7 +207,7 @@ def virtual_teacher_log_targets(
 
   .. versionadded:: 0.1.0
   """
-  num_classes = _check_num_classes(num_classes)
+  num_classes = v.check_int("num_classes", num_classes, minimum=2)
   valid = _check_correct_probability(correct_probability)
   labels = _check_labels(labels, num_classes)
   dtype = _default_dtype(dtype)

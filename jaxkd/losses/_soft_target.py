@@ -15,14 +15,14 @@ temperature, where the divergence is of order :math:`1 / T^2`, and the
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxkd.losses import _classification
 from jaxkd.losses import _log_ratio
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
@@ -40,7 +40,7 @@ def prepare_logit_pair(
 
   Returns ``(student_logits, teacher_logits, axis, where, valid)`` with
   ``axis`` non-negative, ``where`` broadcast to the per-example shape and
-  ``valid`` the temperature check for :func:`_validation.nan_unless`. Rows
+  ``valid`` the temperature check for :func:`validation.nan_unless`. Rows
   masked out by ``where`` are replaced by zeros so that whatever they held
   (``nan``, ``inf``) reaches neither the value nor the gradient.
   """
@@ -55,16 +55,37 @@ def prepare_logit_pair(
   student_logits, teacher_logits = v.as_compute_dtype(
       student_logits, teacher_logits
   )
-  per_example_shape = tuple(
-      d for i, d in enumerate(student_logits.shape) if i != axis
-  )
-  where = v.broadcast_where(where, per_example_shape)
-  if where is not None:
-    row_mask = jnp.expand_dims(where, axis)
-    zero = jnp.zeros((), student_logits.dtype)
-    student_logits = jnp.where(row_mask, student_logits, zero)
-    teacher_logits = jnp.where(row_mask, teacher_logits, zero)
+  where = v.example_where(where, student_logits, axis)
+  student_logits = v.zero_masked_examples(student_logits, where, axis)
+  teacher_logits = v.zero_masked_examples(teacher_logits, where, axis)
   return student_logits, teacher_logits, axis, where, valid
+
+
+def logit_pair_loss(
+    core: Callable[[Array, Array, int, Array | None], Array],
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: ArrayLike,
+    axis: int,
+    where: ArrayLike | None,
+    checks: tuple[Any, ...] = (),
+) -> Array:
+  """A per-example loss of a (student, teacher) logit pair, checked and masked.
+
+  :func:`prepare_logit_pair`, then ``core(student_logits, teacher_logits,
+  axis, where)`` on the prepared arrays, then the mask and the value checks:
+  masked-out examples give 0, and a traced invalid temperature (or any of
+  ``checks``, results of the :mod:`validation` value checks) gives ``nan``.
+  """
+  student_logits, teacher_logits, axis, where, valid = prepare_logit_pair(
+      student_logits, teacher_logits, temperature=temperature, axis=axis,
+      where=where,
+  )
+  loss = core(student_logits, teacher_logits, axis, where)
+  return v.nan_unless(
+      v.all_valid(valid, *checks), v.apply_where(loss, where)
+  )
 
 
 def scaled_log_softmax(
@@ -244,12 +265,13 @@ def kl_divergence(
 
   .. versionadded:: 0.1.0
   """
-  student_logits, teacher_logits, axis, where, valid = prepare_logit_pair(
+  return logit_pair_loss(
+      lambda student, teacher, axis, _: kl_from_logits(
+          teacher, student, temperature, axis
+      ),
       student_logits, teacher_logits, temperature=temperature, axis=axis,
       where=where,
   )
-  loss = kl_from_logits(teacher_logits, student_logits, temperature, axis)
-  return v.nan_unless(valid, v.apply_where(loss, where))
 
 
 def kd_loss(
@@ -352,16 +374,19 @@ def soft_cross_entropy(
 
   .. versionadded:: 0.1.0
   """
-  student_logits, teacher_logits, axis, where, valid = prepare_logit_pair(
-      student_logits, teacher_logits, temperature=temperature, axis=axis,
-      where=where,
+  def core(student, teacher, axis, _):
+    # No cancellation here: the cross-entropy is at least the teacher's
+    # entropy, so the plain sum keeps its relative precision.
+    return cross_entropy_from_log_probs(
+        scaled_log_softmax(teacher, temperature, axis),
+        scaled_log_softmax(student, temperature, axis),
+        axis,
+    )
+
+  return logit_pair_loss(
+      core, student_logits, teacher_logits, temperature=temperature,
+      axis=axis, where=where,
   )
-  log_p_teacher = scaled_log_softmax(teacher_logits, temperature, axis)
-  log_p_student = scaled_log_softmax(student_logits, temperature, axis)
-  # No cancellation here: the cross-entropy is at least the teacher's
-  # entropy, so the plain sum keeps its relative precision.
-  loss = cross_entropy_from_log_probs(log_p_teacher, log_p_student, axis)
-  return v.nan_unless(valid, v.apply_where(loss, where))
 
 
 def distillation_loss(
@@ -435,19 +460,17 @@ def distillation_loss(
   smoothing_valid = v.check_in_unit_interval(
       "label_smoothing", label_smoothing
   )
-  student_logits, teacher_logits, axis, where, valid = prepare_logit_pair(
-      student_logits, teacher_logits, temperature=temperature, axis=axis,
-      where=where,
-  )
-  hard = _classification.cross_entropy_loss(
-      student_logits, labels, label_smoothing=label_smoothing, axis=axis,
-      where=where,
-  )
-  soft = kl_from_logits(teacher_logits, student_logits, temperature, axis)
-  alpha = jnp.asarray(alpha).astype(soft.dtype)
-  temperature = jnp.asarray(temperature).astype(soft.dtype)
-  loss = (1 - alpha) * hard + alpha * temperature**2 * soft
-  return v.nan_unless(
-      v.all_valid(valid, alpha_valid, smoothing_valid),
-      v.apply_where(loss, where),
+  def core(student, teacher, axis, where):
+    hard = _classification.cross_entropy_loss(
+        student, labels, label_smoothing=label_smoothing, axis=axis,
+        where=where,
+    )
+    soft = kl_from_logits(teacher, student, temperature, axis)
+    weight = jnp.asarray(alpha).astype(soft.dtype)
+    scale = jnp.asarray(temperature).astype(soft.dtype)
+    return (1 - weight) * hard + weight * scale**2 * soft
+
+  return logit_pair_loss(
+      core, student_logits, teacher_logits, temperature=temperature,
+      axis=axis, where=where, checks=(alpha_valid, smoothing_valid),
   )

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd.losses import _log_ratio
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 
 Array = jax.Array
 ArrayLike = Any
@@ -186,10 +186,7 @@ def sparse_kl_divergence(
       student_logits, teacher_log_probs, teacher_indices, axis
   )
   valid = v.check_positive("temperature", temperature)
-  per_example_shape = tuple(
-      d for i, d in enumerate(student_logits.shape) if i != axis
-  )
-  where = v.broadcast_where(where, per_example_shape)
+  where = v.example_where(where, student_logits, axis)
   _check_concrete_indices(
       teacher_log_probs, teacher_indices, vocab, axis, where
   )

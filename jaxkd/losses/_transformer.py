@@ -12,10 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxkd.losses import _validation as v
+from jaxkd.losses import validation as v
 from jaxkd.losses._feature import mask_examples
+from jaxkd.losses._feature import prepare_feature_pair
 from jaxkd.losses._feature import safe_l2_normalize
 from jaxkd.losses._soft_target import kl_from_log_probs
 
@@ -29,24 +29,7 @@ _HIDDEN_KINDS = ("mse", "cosine")
 
 def _token_mask(mask: ArrayLike | None, shape: tuple[int, ...]) -> Array | None:
   """Checks a boolean per-token mask and broadcasts it to ``shape``."""
-  if mask is None:
-    return None
-  mask = jnp.asarray(mask)
-  if mask.dtype != jnp.bool_:
-    raise TypeError(
-        f"`mask` must be a boolean array (True for valid tokens), got dtype"
-        f" {mask.dtype}."
-    )
-  try:
-    broadcast = np.broadcast_shapes(mask.shape, shape)
-  except ValueError:
-    broadcast = None
-  if broadcast != tuple(shape) or mask.ndim > len(shape):
-    raise ValueError(
-        f"`mask` of shape {tuple(mask.shape)} does not broadcast to the token"
-        f" shape {tuple(shape)}."
-    )
-  return jnp.broadcast_to(mask, shape)
+  return v.broadcast_where(mask, shape, name="mask", target="token shape")
 
 
 def _safe_mean(total: Array, count: Array) -> Array:
@@ -113,17 +96,11 @@ def hidden_state_loss(
   .. versionadded:: 0.1.0
   """
   v.check_choice("kind", kind, _HIDDEN_KINDS)
-  v.check_floating("student_hidden", student_hidden)
-  v.check_floating("teacher_hidden", teacher_hidden)
-  v.check_min_rank("student_hidden", student_hidden, 2)
-  if tuple(student_hidden.shape) != tuple(teacher_hidden.shape):
-    raise ValueError(
-        "`student_hidden` and `teacher_hidden` must have the same shape, got"
-        f" {tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}."
-        " Project the student's hidden states to the teacher's width first"
-        " (jaxkd.adaptors.LinearAdaptor or a Dense layer)."
-    )
-  student, teacher = v.as_compute_dtype(student_hidden, teacher_hidden)
+  student, teacher = prepare_feature_pair(
+      "student_hidden", student_hidden, "teacher_hidden", teacher_hidden,
+      advice="Project the student's hidden states to the teacher's width"
+      " first (jaxkd.adaptors.LinearAdaptor or a Dense layer).",
+  )
   mask = _token_mask(mask, student.shape[:-1])
   student = mask_examples(student, mask)
   teacher = mask_examples(teacher, mask)

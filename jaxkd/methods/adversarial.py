@@ -18,14 +18,10 @@ in ``state.params``: the student's optimiser never sees them, and the
 student's checkpoint can leave them out.
 
 References:
-  Wang, Zhang, Sun and Qi, `KDGAN: Knowledge Distillation with Generative
-  Adversarial Networks
-  <https://papers.nips.cc/paper/7358-kdgan-knowledge-distillation-with-generative-adversarial-networks>`_,
-  2018.
-
-  Xu, Hsu and Huang, `Training Shallow and Thin Networks for Acceleration
-  via Knowledge Distillation with Conditional Adversarial Networks
-  <https://arxiv.org/abs/1709.00513>`_, 2018.
+  KDGAN (Wang, Zhang, Sun and Qi, 2018) and the conditional adversarial
+  distillation of Xu, Hsu and Huang (2018), cited in full with the losses
+  this term trains, :func:`jaxkd.losses.discriminator_loss` and
+  :func:`jaxkd.losses.generator_loss`.
 """
 
 from __future__ import annotations

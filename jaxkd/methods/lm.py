@@ -68,6 +68,8 @@ from jaxkd import lm
 from jaxkd import losses
 from jaxkd import models
 from jaxkd import objective
+from jaxkd.methods._lm_data import on_policy_mix as on_policy_mix
+from jaxkd.methods._lm_data import teacher_generations as teacher_generations
 
 __all__ = [
     "DENSE_DIVERGENCES",
@@ -333,67 +335,43 @@ def sparse_kl_with_tail(
     teacher_indices: jax.Array,
     *,
     temperature: float = 1.0,
+    where: jax.Array | None = None,
 ) -> jax.Array:
   r"""Forward KL to a top-k teacher whose remaining mass is one bucket.
 
-  With the teacher's cached log-probabilities :math:`\log p_i` on its top
-  :math:`k` tokens :math:`S`, its tail mass :math:`r = 1 - \sum_{i \in S}
-  p_i` and the student's :math:`q = \mathrm{softmax}(z / T)` with tail
-  :math:`q_\bot = \sum_{v \notin S} q_v`:
+  The engine's name for :func:`jaxkd.losses.sparse_kl_divergence` with
+  ``tail="bucket"`` on the last axis. With the teacher's cached
+  log-probabilities :math:`\log p_i` on its top :math:`k` tokens :math:`S`,
+  its tail mass :math:`r = 1 - \sum_{i \in S} p_i`, the student's
+  :math:`q = \mathrm{softmax}(z)` and its tail :math:`q_\bot = \sum_{v
+  \notin S} q_v`, at :math:`T = 1`:
 
   .. math::
     \mathrm{KL} = \sum_{i \in S} p_i (\log p_i - \log q_i)
       + r\,(\log r - \log q_\bot)
 
   the exact KL between the two distributions coarsened to :math:`S` plus one
-  bucket; with :math:`k = V` it is the full forward KL. :math:`\log q_\bot`
-  is a log-sum-exp over the student's tail (no ``1 - sum`` cancellation);
-  a tail with :math:`r \le 0` (rounding of a 16-bit cache) counts 0.
-  (To be consolidated with ``jaxkd.losses.sparse_kl_divergence`` once it
-  lands.)
+  bucket; with :math:`k = V` it is the full forward KL. ``temperature``
+  tempers both sides, the cached teacher (and its bucket) as well as the
+  student, as :class:`TokenDivergenceTerm` does, so with :math:`k = V` the
+  two terms agree at every temperature.
 
   Args:
     student_logits: ``[..., V]`` floating logits.
     teacher_log_probs: ``[..., k]`` log-probabilities normalised over the
-      whole vocabulary (:func:`jaxkd.lm.top_k_log_probs`).
+      whole vocabulary at temperature 1 (:func:`jaxkd.lm.top_k_log_probs`).
     teacher_indices: ``[..., k]`` integer token ids, distinct per row.
-    temperature: The student's softmax temperature.
+    temperature: The softmax temperature of both sides.
+    where: Optional boolean token mask ``[...]``: masked tokens give 0 and
+      no gradient, whatever their cache entries hold.
 
   Returns:
     ``[...]`` per-token divergences, float32 (float64 stays float64).
   """
-  dtype = jnp.float64 if jnp.asarray(student_logits).dtype == jnp.float64 \
-      else jnp.float32
-  z = jnp.asarray(student_logits, dtype)
-  log_p = jnp.asarray(teacher_log_probs, dtype)
-  idx = jnp.asarray(teacher_indices)
-  if log_p.shape != idx.shape or log_p.shape[:-1] != z.shape[:-1]:
-    raise ValueError(
-        "`teacher_log_probs` and `teacher_indices` must both be [..., k] with"
-        f" the leading shape of `student_logits` {tuple(z.shape[:-1])}, got"
-        f" {tuple(log_p.shape)} and {tuple(idx.shape)}."
-    )
-  log_q = jax.nn.log_softmax(z / temperature, axis=-1)
-  log_q_top = jnp.take_along_axis(log_q, idx, axis=-1)
-  supported = log_p > -jnp.inf
-  safe_log_p = jnp.where(supported, log_p, 0.0)
-  head = jnp.sum(jnp.where(
-      supported, jnp.exp(safe_log_p) * (safe_log_p - log_q_top), 0.0), -1)
-  covered = jax.nn.logsumexp(log_p, axis=-1)
-  tail_mass = -jnp.expm1(jnp.minimum(covered, 0.0))
-  in_top = jnp.any(
-      jax.nn.one_hot(idx, z.shape[-1], dtype=jnp.bool_), axis=-2)
-  has_tail = jnp.any(~in_top, axis=-1) & (tail_mass > 0)
-  # Rows without a tail get zeros, so neither value nor gradient sees a
-  # log-sum-exp over nothing.
-  tail_logits = jnp.where(
-      has_tail[..., None], jnp.where(in_top, -jnp.inf, log_q), 0.0)
-  log_q_tail = jax.nn.logsumexp(tail_logits, axis=-1)
-  safe_mass = jnp.where(has_tail, tail_mass, 1.0)
-  tail = jnp.where(
-      has_tail, safe_mass * (jnp.log(safe_mass) - log_q_tail), 0.0)
-  # A nan anywhere in the teacher's row reaches the output.
-  return head + tail + jnp.where(jnp.isnan(covered), covered, 0.0)
+  return losses.sparse_kl_divergence(
+      student_logits, teacher_log_probs, teacher_indices,
+      temperature=temperature, tail="bucket", where=where,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,110 +409,6 @@ class SparseTeacherTerm(TokenTerm):
         lm.next_token_logits(outputs.student_logits),
         jax.lax.stop_gradient(outputs.batch[self.log_probs][:, :-1]),
         outputs.batch[self.indices][:, :-1],
-        temperature=self.temperature,
+        temperature=self.temperature, where=targets.mask,
     )
     return values, state
-
-
-# ---------------------------------------------------------------------------
-# Sequence-level and on-policy data.
-# ---------------------------------------------------------------------------
-
-
-def teacher_generations(
-    teacher: models.Model,
-    params: PyTree,
-    state: PyTree,
-    prompts: jax.Array,
-    *,
-    key: jax.Array,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-) -> dict[str, jax.Array]:
-  """Sequence-level KD data (Kim and Rush, 2016): the teacher's continuations.
-
-  Every prompt ``[B, P]`` (all of length ``P``) is extended by
-  ``max_new_tokens`` tokens sampled from the teacher (``temperature=0``:
-  greedy, the paper's beam-search stand-in); the student is then trained on
-  the result with :class:`NextTokenTerm`.
-
-  Returns:
-    ``{"tokens": [B, P + max_new_tokens], "mask": ..., "prompt_mask": ...}``
-    (``prompt_mask`` ``True`` on the prompt, which is not scored).
-  """
-  prompts = jnp.asarray(prompts, jnp.int32)
-  lengths = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
-  tokens, mask = lm.sample(
-      teacher, params, state, prompts, lengths, key=key,
-      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-  )
-  prompt_mask = jnp.arange(tokens.shape[1])[None, :] < prompts.shape[1]
-  return {"tokens": tokens, "mask": mask,
-          "prompt_mask": jnp.broadcast_to(prompt_mask, tokens.shape)}
-
-
-def on_policy_mix(
-    student: models.Model,
-    params: PyTree,
-    state: PyTree,
-    batch: Batch,
-    *,
-    key: jax.Array,
-    lam: float | jax.Array,
-    prompt_length: int,
-    temperature: float = 1.0,
-) -> tuple[dict[str, jax.Array], jax.Array]:
-  r"""GKD's data mixing: with probability ``lam``, student continuations.
-
-  One Bernoulli(:math:`\lambda`) draw per batch (Agarwal et al., 2024,
-  Algorithm 1): on success the tokens after the first ``prompt_length``
-  positions are replaced by a sample of the *current* student
-  (:func:`jaxkd.lm.sample`, continuing each row's prompt to the batch's
-  length); otherwise the batch's own continuations are kept. Either way the
-  prompt is marked in ``"prompt_mask"`` so the token terms score the
-  continuation only; the teachers then score the same tokens inside the
-  train step. Jittable (close over ``student`` and ``prompt_length``);
-  ``jax.lax.cond`` runs the sampler only when it is drawn.
-
-  Args:
-    student: The student model.
-    params, state: The student's current parameters and state.
-    batch: ``{"tokens": [B, L], "mask": [B, L]}`` (mask optional).
-    key: PRNG key of the draw and the sampling.
-    lam: The student-data fraction :math:`\lambda \in [0, 1]`.
-    prompt_length: Positions kept as the prompt, ``1 <= P < L``.
-    temperature: The student's sampling temperature.
-
-  Returns:
-    ``(batch, on_policy)``: the batch with ``"tokens"``, ``"mask"`` and
-    ``"prompt_mask"`` replaced, and a float32 scalar, 1 when the student's
-    samples were used.
-  """
-  tokens = jnp.asarray(batch["tokens"]).astype(jnp.int32)
-  batch_size, length = tokens.shape
-  if not 1 <= prompt_length < length:
-    raise ValueError(
-        f"`prompt_length` must lie in [1, {length - 1}] for sequences of"
-        f" length {length}, got {prompt_length}."
-    )
-  mask = jnp.asarray(batch.get("mask", jnp.ones_like(tokens, jnp.bool_)))
-  mask = mask.astype(jnp.bool_)
-  draw_key, sample_key = jax.random.split(key)
-  use_student = jax.random.uniform(draw_key) < jnp.asarray(lam, jnp.float32)
-
-  def sampled(_):
-    out, out_mask = lm.sample(
-        student, params, state, tokens[:, :prompt_length],
-        jnp.full((batch_size,), prompt_length, jnp.int32), key=sample_key,
-        max_new_tokens=length - prompt_length, temperature=temperature,
-    )
-    return out, out_mask
-
-  new_tokens, new_mask = jax.lax.cond(
-      use_student, sampled, lambda _: (tokens, mask), None)
-  prompt_mask = jnp.broadcast_to(
-      jnp.arange(length)[None, :] < prompt_length, tokens.shape)
-  new_batch = {**batch, "tokens": new_tokens, "mask": new_mask,
-               "prompt_mask": prompt_mask}
-  return new_batch, use_student.astype(jnp.float32)

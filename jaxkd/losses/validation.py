@@ -1,6 +1,8 @@
-"""Argument checks shared by the loss modules.
+"""The argument checks the losses use, offered to extensions.
 
-Every check runs at trace time on shapes, dtypes and Python-level values, so a
+``jaxkd.losses``, ``jaxkd.lm`` and the methods validate their arguments with
+these helpers, and a loss written outside the package can use them to fail
+the same way. Every check runs at trace time on shapes, dtypes and Python-level values, so a
 bad call fails before anything is compiled. Values that are traced (for
 example a temperature produced by a schedule inside ``jax.jit``) cannot be
 inspected at trace time: the value checks then return a traced boolean, and
@@ -18,8 +20,35 @@ import numpy as np
 
 Array = jax.Array
 
+__all__ = [
+    "all_valid",
+    "apply_where",
+    "as_compute_dtype",
+    "broadcast_where",
+    "check_boolean_mask",
+    "check_choice",
+    "check_floating",
+    "check_in_unit_interval",
+    "check_int",
+    "check_integer",
+    "check_min_rank",
+    "check_non_negative",
+    "check_positive",
+    "check_rank",
+    "check_same_shape",
+    "compute_dtype",
+    "concrete_value",
+    "describe",
+    "example_where",
+    "nan_unless",
+    "nan_where_nan",
+    "normalize_axis",
+    "zero_masked_examples",
+]
 
-def _describe(x: Any) -> str:
+
+def describe(x: Any) -> str:
+  """``"array of shape (2, 3) and dtype float32"``, or the Python value."""
   shape = getattr(x, "shape", None)
   dtype = getattr(x, "dtype", None)
   if shape is None:
@@ -33,7 +62,7 @@ def check_floating(name: str, x: Any) -> None:
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
         f"`{name}` must be a floating-point array (logits, features), got"
-        f" {_describe(x)}. Cast it, e.g. `{name}.astype(jnp.float32)`."
+        f" {describe(x)}. Cast it, e.g. `{name}.astype(jnp.float32)`."
     )
 
 
@@ -42,7 +71,7 @@ def check_integer(name: str, x: Any) -> None:
   dtype = getattr(x, "dtype", None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
     raise TypeError(
-        f"`{name}` must be an integer array, got {_describe(x)}."
+        f"`{name}` must be an integer array, got {describe(x)}."
     )
 
 
@@ -152,8 +181,8 @@ def nan_where_nan(loss: Array, *arrays: Any, axis: int | None) -> Array:
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-  """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
-  if value not in choices:
+  """Raises ``ValueError`` unless ``value`` is one of the strings ``choices``."""
+  if not isinstance(value, str) or value not in choices:
     raise ValueError(
         f"`{name}` must be one of {', '.join(map(repr, choices))}; got"
         f" {value!r}."
@@ -188,6 +217,34 @@ def check_min_rank(name: str, x: Any, rank: int) -> None:
     )
 
 
+def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
+  """Returns the Python-level ``value`` as an ``int`` >= ``minimum``.
+
+  For sizes and counts given as Python ints (not arrays): a ``bool`` or a
+  non-integer raises ``TypeError``, a smaller int ``ValueError``, each naming
+  ``name``.
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"`{name}` must be a Python int, got {value!r}.")
+  if value < minimum:
+    raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def check_boolean_mask(
+    name: str, mask: Any, shape: tuple[int, ...]
+) -> jax.Array:
+  """Checks that ``mask`` is boolean and of exactly ``shape``; returns it."""
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"`{name}` must be a boolean mask, got {describe(mask)}.")
+  if tuple(mask.shape) != tuple(shape):
+    raise ValueError(
+        f"`{name}` must have shape {tuple(shape)}, got {tuple(mask.shape)}."
+    )
+  return mask
+
+
 def normalize_axis(name: str, x: Any, axis: int) -> int:
   """Returns ``axis`` as a non-negative index into ``x``'s dimensions."""
   if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
@@ -218,28 +275,64 @@ def as_compute_dtype(*arrays: Any) -> tuple[jax.Array, ...]:
   return tuple(jnp.asarray(a).astype(dtype) for a in arrays)
 
 
-def broadcast_where(where: Any, shape: tuple[int, ...]) -> jax.Array | None:
-  """Checks a per-example boolean mask and broadcasts it to ``shape``."""
+def broadcast_where(
+    where: Any,
+    shape: tuple[int, ...],
+    *,
+    name: str = "where",
+    target: str = "per-example loss shape",
+) -> jax.Array | None:
+  """Checks a boolean mask and broadcasts it to ``shape`` (``None`` stays).
+
+  ``name`` is the argument's name and ``target`` what ``shape`` is, for the
+  error messages.
+  """
   if where is None:
     return None
   where = jnp.asarray(where)
   if where.dtype != jnp.bool_:
     raise TypeError(
-        f"`where` must be a boolean mask, got {_describe(where)}."
+        f"`{name}` must be a boolean mask, got {describe(where)}."
     )
-  try:
-    np.broadcast_shapes(where.shape, shape)
-  except ValueError:
-    raise ValueError(
-        f"`where` of shape {tuple(where.shape)} does not broadcast to the"
-        f" per-example loss shape {tuple(shape)}."
-    ) from None
   if len(where.shape) > len(shape):
     raise ValueError(
-        f"`where` of shape {tuple(where.shape)} has more dimensions than the"
-        f" per-example loss shape {tuple(shape)}."
+        f"`{name}` of shape {tuple(where.shape)} has more dimensions than the"
+        f" {target} {tuple(shape)}."
+    )
+  try:
+    broadcast = np.broadcast_shapes(where.shape, shape)
+  except ValueError:
+    broadcast = None
+  if broadcast != tuple(shape):
+    raise ValueError(
+        f"`{name}` of shape {tuple(where.shape)} does not broadcast to the"
+        f" {target} {tuple(shape)}."
     )
   return jnp.broadcast_to(where, shape)
+
+
+def example_where(where: Any, x: Any, axis: int) -> jax.Array | None:
+  """:func:`broadcast_where` to the per-example shape of ``x``.
+
+  The per-example shape is ``x``'s shape without its class axis ``axis``
+  (non-negative).
+  """
+  shape = tuple(d for i, d in enumerate(x.shape) if i != axis)
+  return broadcast_where(where, shape)
+
+
+def zero_masked_examples(
+    x: jax.Array, where: jax.Array | None, axis: int
+) -> jax.Array:
+  """``x`` with the examples that ``where`` masks out set to 0.
+
+  ``where`` has ``x``'s per-example shape (class axis ``axis`` removed).
+  Whatever a masked example held (``nan``, ``inf``) then reaches neither the
+  value nor the gradient.
+  """
+  if where is None:
+    return x
+  return jnp.where(jnp.expand_dims(where, axis), x, jnp.zeros((), x.dtype))
 
 
 def apply_where(loss: jax.Array, where: jax.Array | None) -> jax.Array:
