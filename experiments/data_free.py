@@ -216,7 +216,8 @@ def save_samples(path: pathlib.Path,
     axes[0, first].set_title(
         f"{title}: balance {summary['class_balance']:.2f}, confidence"
         f" {summary['teacher_confidence']:.2f}", fontsize=7, loc="left")
-  fig.tight_layout(pad=0.3)
+  fig.subplots_adjust(left=0.08, right=0.99, bottom=0.01, top=0.9,
+                      wspace=0.05, hspace=0.05)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=80)
   plt.close(fig)

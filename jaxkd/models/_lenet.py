@@ -62,7 +62,7 @@ class LeNet5(nn.Module):
   def __call__(
       self, x: jax.Array, train: bool
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    _layers.check_image("LeNet5", x)
+    x = _layers.image_input(self, x)
     side = x.shape[1]
     if side not in _SIDES or x.shape[2] != side:
       raise ValueError(
@@ -72,19 +72,15 @@ class LeNet5(nn.Module):
     if not self.width > 0:
       raise ValueError(f"LeNet5 width must be > 0, got {self.width}.")
     channels = [max(1, round(c * self.width)) for c in (6, 16, 120, 84)]
-    x = _layers.to_compute_dtype(x, self.dtype)
     features = {}
     for index, (out, padding) in enumerate(
         zip(channels[:3], (2 if side == 28 else 0, 0, 0)), start=1
     ):
-      x = _layers.conv(
-          out, 5, padding=padding, use_bias=True, dtype=self.dtype,
-          name=f"conv{index}",
-      )(x)
-      x = _layers.batch_norm(
-          train=train, dtype=self.dtype, name=f"bn{index}"
-      )(x)
-      x = nn.relu(x)
+      x = _layers.conv_bn(
+          x, out, 5, train=train, conv_name=f"conv{index}",
+          bn_name=f"bn{index}", dtype=self.dtype, padding=padding,
+          use_bias=True,
+      )
       if index < 3:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       features[f"stage{index}"] = x
@@ -92,11 +88,8 @@ class LeNet5(nn.Module):
     features["stage3"] = x
     x = nn.relu(_layers.torch_default_dense(
         channels[3], x, name="dense", dtype=self.dtype)(x))
-    features["embedding"] = x
-    logits = _layers.torch_default_dense(
-        self.num_classes, x, name="classifier", dtype=self.dtype
-    )(x)
-    return _layers.to_float32_logits(logits), features
+    return _layers.classify(x, features, _layers.torch_default_head(
+        self.num_classes, dtype=self.dtype, name="classifier"))
 
 
 def lenet5(*, num_classes: int, dtype: Dtype = jnp.float32) -> LeNet5:
