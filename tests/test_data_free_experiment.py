@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 
 from experiments import input_pipeline
 from experiments import methods
+from experiments import pipeline
 from experiments import train
 from experiments.configs import mnist5k_data_free
 from jaxkd import models
@@ -144,6 +148,7 @@ def test_data_free_students_never_read_the_training_split(tmp_path,
                                                           monkeypatch):
   config = tiny_config(str(tmp_path / "tfds"))
   config.data_free.batch_size = 8
+  config.data_free.steps_per_epoch = 1
   ctx = train.Context.create(config, tmp_path / "run")
   teachers = train.get_teachers(ctx, 0, 1)
   train_split = ctx.data.train_split
@@ -170,3 +175,32 @@ def test_data_free_students_never_read_the_training_split(tmp_path,
   # The guard is live: the real-data baseline trips it.
   with pytest.raises(AssertionError, match="read the training split"):
     train.train_student(ctx, 0, "baseline", None)
+
+
+def test_the_results_show_what_each_generator_made(tmp_path):
+  grid = np.zeros((10, 2, 28, 28, 1), np.float32)
+  summaries = [
+      {"images": 100, "class_histogram": [10] * 10, "class_balance": 1.0,
+       "teacher_confidence": 0.75, "pixel_mean": 0.1},
+      {"images": 100, "class_histogram": [100] + [0] * 9,
+       "class_balance": 0.0, "teacher_confidence": 0.25, "pixel_mean": 0.1},
+  ]
+  run_dir = tmp_path / "work" / "seed_0" / "data_free"
+  run_dir.mkdir(parents=True)
+  np.save(run_dir / "samples.npy", grid)
+  (run_dir / "results.json").write_text(
+      json.dumps({"generated": summaries[0]}))
+  ctx = types.SimpleNamespace(workdir=tmp_path / "work")
+  runs = {"baseline": [{}], "data_free": [{"generated": s} for s in summaries]}
+  # pylint: disable-next=protected-access
+  text = pipeline._data_free_samples(ctx, ["baseline", "data_free"], runs,
+                                     "name", tmp_path / "results")
+  # Mean ± sample std over the two seeds; the histogram of seed 0.
+  assert "| data_free | 0.500 ± 0.707 | 0.500 ± 0.354 |" \
+      " 10 10 10 10 10 10 10 10 10 10 |" in text
+  assert "baseline" not in text.split("|---|")[1]
+  assert "![Generated images by the teacher's class](name_samples.png)" in text
+  for folder in ("work", "results"):
+    assert (tmp_path / folder / "name_samples.png").stat().st_size > 0
+  assert pipeline._data_free_samples(  # pylint: disable=protected-access
+      ctx, ["baseline"], runs, "name", None) == ""
