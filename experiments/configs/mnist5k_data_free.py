@@ -44,7 +44,7 @@ def get_config(arg=None):
   config.in_memory = True
   config.batch_size = 128
   config.eval_batch_size = 500
-  config.num_epochs = 20
+  config.num_epochs = 16
   config.optimizer = common.optimizer_config(
       name="adam", learning_rate=2e-3, weight_decay=0.0, schedule="cosine")
   config.student.model = "lenet5_half"
@@ -58,7 +58,7 @@ def get_config(arg=None):
   # upsampling stages ending in tanh and a scale-free BatchNorm, Adam for
   # both; fewer, smaller steps than the paper's 24,000 of 512 images.
   dfc = config.data_free
-  dfc.batch_size = 128
+  dfc.batch_size = 64
   dfc.steps_per_epoch = 25
   dfc.noise_dim = 100
   dfc.generator_width = 32

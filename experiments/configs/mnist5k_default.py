@@ -86,8 +86,16 @@ def get_config(arg=None):
                             "fitnets", "multi_teacher", "perturbation",
                             "adversarial", "data_free", "self_distillation")
   # The MLP teacher has no BatchNorm, so no DeepInversion statistics term:
-  # data-free KD here is DAFL (one-hot, activation and entropy terms).
+  # data-free KD here is DAFL (one-hot, activation and entropy terms), with
+  # the generator and steps of mnist5k_data_free.py.
   config.data_free.bn_weight = 0.0
+  config.data_free.batch_size = 64
+  config.data_free.steps_per_epoch = 25
+  config.data_free.noise_dim = 100
+  config.data_free.generator_width = 32
+  config.data_free.generator_upsamplings = 2
+  config.data_free.generator_learning_rate = 1e-2
+  config.data_free.temperature = 1.0
   config.crd.queue_size = 4096
   config.fitnets.student_feature = "embedding"
   config.fitnets.teacher_feature = "embedding"
