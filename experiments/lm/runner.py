@@ -13,6 +13,7 @@ scores its last ``seq_len - 1`` bytes), divided by ``ln 2``.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import pathlib
@@ -334,6 +335,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
       f" steps of batch {config['batch_size']} x {config['seq_len']} bytes,"
       f" seeds {list(config['seeds'])}.",
       "",
+      # The markers let tools/results_readme.py copy table and reading.
+      "<!-- table:start -->",
       "| method | objective | validation bpb | test bpb | gain vs baseline"
       " (val) | > 2 std? | params | tokens/s |",
       "|---|---|---|---|---|---|---|---|",
@@ -349,7 +352,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
   winners = [r["method"] for r in result["rows"]
              if r.get("beats_baseline_2std")]
   lines += [
+      "<!-- table:end -->",
       "",
+      "<!-- reading:start -->",
       "Mean ± sample std over seeds. \"> 2 std\": the validation gain over"
       " the baseline exceeds twice the larger of the two standard"
       " deviations.",
@@ -364,6 +369,13 @@ def render_markdown(result: Mapping[str, Any]) -> str:
       " steps (GKD includes its sampling, sparse top-k the teacher pass that"
       " fills its cache); the plot shows validation bits per byte against"
       " steps (mean over seeds).",
+      "",
+      f"![Validation bits per byte against steps]({NAME}.png)",
+      "<!-- reading:end -->",
+      "",
+      f"- Command: `{result['command']}`",
+      f"- Date: {result['environment'].get('date', '')}; wall time"
+      f" {result['wall_s']:.0f} s",
       "",
   ]
   return "\n".join(lines)
@@ -464,6 +476,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           "cpus": os.cpu_count(), "jax": jax.__version__,
           "backend": jax.default_backend(), "load_before": load_before,
           "load_after": [round(x, 2) for x in os.getloadavg()],
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"),
       },
       "teacher": teacher_records[0],
       "teacher_2": teacher_records[1] if needs_two else None,
