@@ -85,7 +85,15 @@ def get_config(arg=None):
   config.pipeline.notes = (
       "Data-free students take `data_free.steps_per_epoch` generator steps of"
       " `data_free.batch_size` generated images per epoch, not the real"
-      " data's steps. Settings were chosen on train[:90%] / train[90%:].")
+      " data's steps. Settings were chosen on train[:90%] / train[90%:]"
+      " (seed 0, 300 steps: DAFL 37.0 %, DeepInversion 84.3 %, + DAFL"
+      " 78.5 %; DeepInversion with weight 5, T = 4 or generator lr 3e-2:"
+      " 81.3 / 83.8 / 82.3 %). Far from the teacher: 400 steps of 64"
+      " images are 1/480 of DAFL's 24,000 of 512, and DeepInversion's"
+      " students were still improving when they stopped; DAFL alone makes"
+      " textures, not digits (its BatchNorm-statistics distance grows"
+      " during training), which the teacher labels confidently but which"
+      " teach the student little about real digits.")
   config.pipeline.seeds = arg.seeds
   config.pipeline.latency_batch_size = 256
   config.pipeline.latency_repeats = 20
