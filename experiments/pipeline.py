@@ -343,12 +343,13 @@ def _data_free_samples(ctx, methods: Sequence[str],
                        results_dir) -> str:
   """What the data-free students' generators made: a table and a picture
   (seed 0) written beside the results; "" without data-free methods."""
-  lines, panels = [], {}
+  lines, panels, images = [], {}, 0
   for method in methods:
     generated = [r["generated"] for r in runs.get(method, [])
                  if "generated" in r]
     if not generated:
       continue
+    images = generated[0]["images"]
     loaded = data_free_run.load_samples(ctx.workdir / "seed_0" / method)
     if loaded is not None:
       panels[method] = loaded
@@ -367,7 +368,6 @@ def _data_free_samples(ctx, methods: Sequence[str],
       [pathlib.Path(results_dir)] if results_dir is not None else []):
     if panels:
       data_free_run.save_samples(directory / picture, panels)
-  images = generated[0]["images"]
   text = [
       "What the generators make, as the teacher sees"
       f" {images} fresh generated images at the end of training: class"

@@ -191,10 +191,11 @@ def test_the_results_show_what_each_generator_made(tmp_path):
   (run_dir / "results.json").write_text(
       json.dumps({"generated": summaries[0]}))
   ctx = types.SimpleNamespace(workdir=tmp_path / "work")
-  runs = {"baseline": [{}], "data_free": [{"generated": s} for s in summaries]}
+  runs = {"baseline": [{}], "data_free": [{"generated": s} for s in summaries],
+          "kd": [{}]}
   # pylint: disable-next=protected-access
-  text = pipeline._data_free_samples(ctx, ["baseline", "data_free"], runs,
-                                     "name", tmp_path / "results")
+  text = pipeline._data_free_samples(ctx, ["baseline", "data_free", "kd"],
+                                     runs, "name", tmp_path / "results")
   # Mean ± sample std over the two seeds; the histogram of seed 0.
   assert "| data_free | 0.500 ± 0.707 | 0.500 ± 0.354 |" \
       " 10 10 10 10 10 10 10 10 10 10 |" in text
