@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import pathlib
 import resource
-import shlex
 import statistics
-import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from jaxkd import cpu  # pylint: disable=g-bad-import-order
 from jaxkd import measure  # pylint: disable=g-bad-import-order
@@ -35,6 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# The results helpers, which every benchmark reads from here.
+from benchmarks._results import environment as environment
+from benchmarks._results import finish as finish
+from benchmarks._results import markdown_table as markdown_table
+from benchmarks._results import spread as spread
+from benchmarks._results import write_results as write_results
 from jaxkd import folding
 from jaxkd import models
 from jaxkd import objective
@@ -48,8 +50,6 @@ STRATEGIES = ("vmap", "scan", "unroll", "auto")
 # The bundled image classifiers (the language models take tokens).
 IMAGE_MODELS = tuple(n for n in models.available() if not n.startswith("lm_"))
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# The packages whose versions a results file records.
-_VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
 
 # The RepDistiller recipe the PyTorch reference uses too.
 LEARNING_RATE = 0.05
@@ -409,130 +409,3 @@ def flops_of(compiled) -> float | None:
   if not analysis or "flops" not in analysis:
     return None
   return float(analysis["flops"])
-
-
-# ---------------------------------------------------------------------------
-# Environment and results.
-# ---------------------------------------------------------------------------
-
-
-def environment(module: str, argv: Sequence[str] | None) -> dict[str, Any]:
-  """Machine, device, versions, command, date and load of this run."""
-  argv = sys.argv[1:] if argv is None else list(argv)
-  try:
-    load = list(os.getloadavg())
-  except OSError:
-    load = None
-  return {
-      **measure.environment(packages=_VERSIONED),
-      "command": " ".join(
-          ["python", "-m", module] + [shlex.quote(a) for a in argv]
-      ),
-      "load_average_start": load,
-  }
-
-
-def markdown_table(
-    headers: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> str:
-  def cell(value):
-    if value is None:
-      return ""
-    if isinstance(value, float):
-      return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value).replace("|", "\\|")
-
-  lines = [
-      "| " + " | ".join(headers) + " |",
-      "|" + "|".join("---" for _ in headers) + "|",
-  ]
-  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def spread(samples: dict[str, float]) -> str:
-  """``"151 (140-155)"``: median samples/s with the min-max range."""
-  return (
-      f"{samples['median']:.1f} ({samples['min']:.1f}-{samples['max']:.1f})"
-  )
-
-
-def finish(
-    args: argparse.Namespace,
-    *,
-    name: str,
-    out_dir: str | os.PathLike[str] | None = None,
-    **fields: Any,
-) -> dict[str, Any]:
-  """Writes a run's results (:func:`write_results`), prints where; returns them.
-
-  The results file stem is ``args.name`` or ``name`` and the folder
-  ``out_dir`` or ``args.out_dir``; ``args.note`` is the note. ``fields``
-  are ``title``, ``env``, ``results`` and ``sections``.
-  """
-  paths = write_results(
-      name=args.name or name,
-      out_dir=args.out_dir if out_dir is None else out_dir,
-      note=args.note,
-      **fields,
-  )
-  print("wrote", *paths)
-  return fields["results"]
-
-
-def write_results(
-    *,
-    name: str,
-    title: str,
-    env: dict[str, Any],
-    results: dict[str, Any],
-    sections: Sequence[tuple[str, str]],
-    out_dir: str | os.PathLike[str],
-    note: str = "",
-) -> tuple[pathlib.Path, pathlib.Path]:
-  """Writes ``<out_dir>/<name>.json`` and ``<name>.md``; returns both paths.
-
-  ``sections`` are ``(heading, markdown)`` pairs printed after the header.
-  """
-  try:
-    env = {**env, "load_average_end": list(os.getloadavg())}
-  except OSError:
-    pass
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  json_path = out / f"{name}.json"
-  md_path = out / f"{name}.md"
-  json_path.write_text(
-      json.dumps({"environment": env, "note": note, **results}, indent=2,
-                 default=float) + "\n",
-      encoding="utf-8",
-  )
-  machine, device, versions = env["machine"], env["device"], env["versions"]
-  version_text = ", ".join(f"{k} {v}" for k, v in versions.items() if v)
-  load = env.get("load_average_start")
-  load_text = (
-      "" if load is None else
-      f"; load average {load[0]:.2f} at start,"
-      f" {env.get('load_average_end', [float('nan')])[0]:.2f} at end"
-  )
-  lines = [
-      f"### {title}",
-      "",
-      f"- Machine: {machine['cpu']}, {machine['logical_cores']} logical"
-      f" cores, {machine['memory_gib'] or 0:.0f} GiB, {machine['platform']}"
-      f"{load_text}",
-      f"- Device: {device['backend']} ({device['kind']}) x {device['count']}",
-      f"- Versions: {version_text}",
-      f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`",
-      f"- Command: `{env['command']}`",
-      f"- Date: {env['date']}",
-  ]
-  if note:
-    lines.append(f"- Note: {note}")
-  for heading, body in sections:
-    lines.append("")
-    if heading:
-      lines += [f"**{heading}**", ""]
-    lines.append(body)
-  md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-  return json_path, md_path

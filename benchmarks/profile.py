@@ -23,10 +23,17 @@ framework's profiler and adds up the time per kind of operation:
   the optimiser, and the rest. Operators run on the calling thread with
   intra-op parallelism inside, so these are wall milliseconds; what the
   operators leave of the wall time is Python and the autograd engine.
+  PyTorch runs in a worker process (``benchmarks/torch_worker.py``) on a
+  Python that has torch, found as ``benchmarks.torch_reference`` finds it
+  (``--torch_python``, ``$JAXKD_TORCH_PYTHON``, ``.venv311``, pyenv 3.11):
+  its CPU wheel exists for Python 3.11 only, while jaxkd is profiled on the
+  interpreter running this command. It runs after jaxkd's profile, never at
+  the same time.
 
 Wall time per step is measured without a profiler, as in the other
 benchmarks (median of ``--steps`` calls after ``--warmup``). PyTorch is
-optional (``--no_torch``, or the ``bench`` extra not installed).
+optional (``--no_torch``; without a torch interpreter jaxkd is profiled
+alone, with a line saying how to install one).
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
-import importlib.util
 import json
 import os
 import pathlib
@@ -44,6 +50,8 @@ import tempfile
 from typing import Any, Sequence
 
 from benchmarks import _common
+from benchmarks import torch_reference
+from benchmarks import workers
 
 import jax  # pylint: disable=g-bad-import-order
 from jaxkd import models  # pylint: disable=g-bad-import-order
@@ -59,16 +67,6 @@ JAX_CATEGORIES = (
     "other",
 )
 UNCOVERED = "not covered by a synchronous op (asynchronous convolutions, idle)"
-OUTSIDE_ATEN = "outside ATen operators (Python, autograd engine)"
-TORCH_CATEGORIES = (
-    ("convolution forward and backward", ("conv",)),
-    ("BatchNorm forward and backward", ("batch_norm",)),
-    ("ReLU forward and backward", ("relu", "threshold")),
-    ("copies and layout", ("copy", "contiguous", "clone", "reorder",
-                           "to_dense", "permute", "transpose")),
-    ("optimiser", ("foreach", "sgd", "optimizer")),
-    ("linear layer", ("addmm", "linear", "matmul", "::mm")),
-)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -76,6 +74,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--no_torch", dest="torch", action="store_false",
                       help="Profile jaxkd only.")
+  parser.add_argument(
+      "--torch_python", default=os.environ.get(
+          torch_reference.TORCH_PYTHON_ENV),
+      help="A Python (3.11) with torch for the PyTorch worker (default: as"
+      " benchmarks.torch_reference finds it).")
   parser.add_argument("--top", type=int, default=8,
                       help="How many of jaxkd's costliest ops to list.")
   _common.add_common_flags(parser, steps=5, rounds=1)
@@ -209,39 +212,50 @@ def profile_jax(setup: _common.Compiled, *, steps: int, warmup: int,
 
 
 # ---------------------------------------------------------------------------
-# PyTorch: ATen operators.
+# PyTorch: ATen operators, in a worker.
 # ---------------------------------------------------------------------------
 
 
-def torch_category(op_name: str) -> str:
-  name = op_name.lower()
-  for category, keys in TORCH_CATEGORIES:
-    if any(k in name for k in keys):
-      return category
-  return "loss, autograd and the rest"
+def find_torch_python(args) -> str | None:
+  """The torch interpreter, or None (and one line) when there is none.
+
+  An explicit ``--torch_python`` without torch is an error, not a skip.
+  """
+  if not args.torch:
+    return None
+  try:
+    return torch_reference.find_torch_python(args.torch_python)
+  except SystemExit as missing:
+    if args.torch_python:
+      raise
+    print(f"{missing}\nProfiling jaxkd alone.", file=sys.stderr)
+    return None
 
 
-def profile_torch(step, *, steps: int, warmup: int) -> dict[str, Any]:
-  """Self CPU ms per step and category of one PyTorch step."""
-  import torch  # pylint: disable=g-import-not-at-top
-
-  timing = _common.time_calls(step, steps=steps, warmup=warmup)
-  with torch.profiler.profile(
-      activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-    for _ in range(steps):
-      step()
-  per_category = {c: 0.0 for c, _ in TORCH_CATEGORIES}
-  per_category["loss, autograd and the rest"] = 0.0
-  per_op = {}
-  for event in prof.key_averages():
-    ms = event.self_cpu_time_total / 1e3 / steps
-    per_category[torch_category(event.key)] += ms
-    per_op[event.key] = ms
-  wall_ms = timing.median_s * 1e3
-  per_category[OUTSIDE_ATEN] = max(wall_ms - sum(per_category.values()), 0.0)
-  costliest = sorted(per_op.items(), key=lambda kv: -kv[1])[:8]
-  return {"wall_ms": wall_ms, "ms": per_category,
-          "costliest": [{"op": k, "ms": v} for k, v in costliest]}
+def profile_torch(args, python: str, *, steps: int) -> dict[str, Any]:
+  """Both programs' PyTorch profiles from one torch worker."""
+  config = {
+      "teacher": args.teacher, "student": args.student,
+      "batch_size": args.batch_size, "dtype": "float32",
+      "image_size": args.image_size, "num_classes": args.num_classes,
+      "fold": False, "offline": True, "warmup": args.warmup,
+      "recipe": torch_reference.recipe(),
+  }
+  with workers.Worker("torch_worker", python, "benchmarks.torch_worker") as (
+      worker):
+    known = worker.info.get("models", [])
+    missing = [m for m in (args.teacher, args.student) if m not in known]
+    if missing:
+      raise ValueError(
+          f"The PyTorch reference has no {', '.join(missing)} (it has"
+          f" {', '.join(known)}); pass --no_torch to profile jaxkd alone.")
+    worker.request("build", config=config)
+    results: dict[str, Any] = {
+        program: worker.request(
+            "profile", system=f"PyTorch {program}", steps=steps, warmup=0)
+        for program in PROGRAMS}
+    results["stack"] = torch_reference.stack_text(worker.info)
+  return results
 
 
 # ---------------------------------------------------------------------------
@@ -296,35 +310,16 @@ def markdown(args, results: dict[str, Any]) -> list[tuple[str, str]]:
       sections.append((
           f"PyTorch, {program}: self CPU ms per step (share of wall)",
           _common.markdown_table(("ATen operators", "ms per step"), rows)))
+  if "torch" in results:
+    sections.append(("PyTorch stack", f"- {results['torch']['stack']}"))
   return sections
-
-
-def _torch_reference(args):
-  """The PyTorch side's module, or None; checks the models exist there."""
-  if not args.torch:
-    return None
-  if importlib.util.find_spec("torch") is None:
-    print("PyTorch is not installed (pip install torch==2.13.0, the `bench`"
-          " extra): jaxkd only.", file=sys.stderr)
-    return None
-  from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
-  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
-
-  missing = [m for m in (args.teacher, args.student)
-             if m not in torch_models.DEPTHS_AND_WIDTHS]
-  if missing:
-    raise ValueError(
-        f"The PyTorch reference has no {', '.join(missing)} (it has"
-        f" {', '.join(sorted(torch_models.DEPTHS_AND_WIDTHS))}); pass"
-        " --no_torch to profile jaxkd alone.")
-  return torch_reference
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   env = _common.environment("benchmarks.profile", argv)
   steps = args.steps * max(args.rounds, 1)
-  torch_reference = _torch_reference(args)
+  torch_python = find_torch_python(args)
   results: dict[str, Any] = {"config": vars(args), "jaxkd": {}}
   print(f"{args.teacher} -> {args.student}, B={args.batch_size},"
         f" backend {jax.default_backend()}", flush=True)
@@ -335,16 +330,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"  jaxkd {program}: {result['wall_ms']:.1f} ms per step;"
           f" {result['thread_ms']['transpose / layout copy']:.1f} thread-ms"
           " of transposes", flush=True)
-  if torch_reference is not None:
-    results["torch"] = {}
+  if torch_python is not None:
+    results["torch"] = profile_torch(args, torch_python, steps=steps)
     for program in PROGRAMS:
-      step, _ = torch_reference.torch_step_setup(
-          args, args.teacher, args.student, args.batch_size, "float32",
-          offline=program == "offline")
-      result = profile_torch(step, steps=steps, warmup=args.warmup)
-      results["torch"][program] = result
-      print(f"  PyTorch {program}: {result['wall_ms']:.1f} ms per step",
-            flush=True)
+      print(f"  PyTorch {program}: {results['torch'][program]['wall_ms']:.1f}"
+            " ms per step", flush=True)
   return _common.finish(
       args, name=NAME,
       title=(f"Profile: where a step's time goes ({args.teacher} ->"

@@ -124,18 +124,6 @@ def recipe() -> dict[str, float]:
   }
 
 
-def torch_step_setup(args, teacher_name, student_name, batch_size, dtype_name,
-                     offline):
-  """The PyTorch step in this process (for ``benchmarks.profile``)."""
-  from benchmarks import torch_worker  # pylint: disable=g-import-not-at-top
-
-  return torch_worker.step_setup(
-      teacher_name, student_name, batch_size=batch_size, dtype=dtype_name,
-      image_size=args.image_size, num_classes=args.num_classes,
-      offline=offline, recipe=recipe(),
-  )
-
-
 # ---------------------------------------------------------------------------
 # Workers.
 # ---------------------------------------------------------------------------

@@ -5,20 +5,37 @@
 Serves the JSON-line protocol of ``benchmarks/workers.py``. ``build`` makes
 the PyTorch eager distillation step of one configuration (systems
 ``"PyTorch online"`` and, with ``"offline": true``, ``"PyTorch offline"``)
-and runs its warm-up steps. Imports PyTorch and no JAX, so it runs on an
-interpreter that has only PyTorch (the CPU wheel ``torch==2.13.0`` exists
-for Python 3.11 only).
+and runs its warm-up steps; ``profile`` (for ``benchmarks.profile``) records
+a few steps under ``torch.profiler`` and adds up the self CPU time per kind
+of ATen operator. Imports PyTorch and no JAX, so it runs on an interpreter
+that has only PyTorch (the CPU wheel ``torch==2.13.0`` exists for Python
+3.11 only).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from typing import Any, Callable, Sequence
 
 from benchmarks import workers
 
-__all__ = ["build", "main", "step_setup"]
+__all__ = ["CATEGORIES", "OUTSIDE_ATEN", "build", "category", "main",
+           "profile", "step_setup"]
+
+# Kinds of ATen operator: (row, substrings of the operator's name).
+CATEGORIES = (
+    ("convolution forward and backward", ("conv",)),
+    ("BatchNorm forward and backward", ("batch_norm",)),
+    ("ReLU forward and backward", ("relu", "threshold")),
+    ("copies and layout", ("copy", "contiguous", "clone", "reorder",
+                           "to_dense", "permute", "transpose")),
+    ("optimiser", ("foreach", "sgd", "optimizer")),
+    ("linear layer", ("addmm", "linear", "matmul", "::mm")),
+)
+OTHER = "loss, autograd and the rest"
+OUTSIDE_ATEN = "outside ATen operators (Python, autograd engine)"
 
 
 def step_setup(
@@ -96,6 +113,45 @@ def step_setup(
   return step, counts
 
 
+def category(op_name: str) -> str:
+  """The row of :data:`CATEGORIES` an ATen operator belongs to."""
+  name = op_name.lower()
+  for row, keys in CATEGORIES:
+    if any(k in name for k in keys):
+      return row
+  return OTHER
+
+
+def profile(step: Callable[[], Any], *, steps: int,
+            warmup: int) -> dict[str, Any]:
+  """Self CPU ms per step and kind of operator of one PyTorch step.
+
+  Operators run on the calling thread with intra-op parallelism inside, so
+  these are wall milliseconds; what they leave of the wall time (median of
+  ``steps`` calls timed without the profiler) is Python and autograd.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  for _ in range(warmup):
+    step()
+  wall_ms = 1e3 * statistics.median(workers.time_steps(step, steps))
+  with torch.profiler.profile(
+      activities=[torch.profiler.ProfilerActivity.CPU]) as recorded:
+    for _ in range(steps):
+      step()
+  per_category = {row: 0.0 for row, _ in CATEGORIES}
+  per_category[OTHER] = 0.0
+  per_op = {}
+  for event in recorded.key_averages():
+    ms = event.self_cpu_time_total / 1e3 / steps
+    per_category[category(event.key)] += ms
+    per_op[event.key] = ms
+  per_category[OUTSIDE_ATEN] = max(wall_ms - sum(per_category.values()), 0.0)
+  costliest = sorted(per_op.items(), key=lambda kv: -kv[1])[:8]
+  return {"wall_ms": wall_ms, "ms": per_category,
+          "costliest": [{"op": k, "ms": v} for k, v in costliest]}
+
+
 def build(config: dict[str, Any]):
   """The ``build`` request: the configuration's steps, warmed up."""
   steps = {}
@@ -125,8 +181,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
   info = workers.python_info(["torch", "numpy"])
   info["threads"] = torch.get_num_threads()
+  from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
+
+  info["models"] = sorted(torch_models.DEPTHS_AND_WIDTHS)
   info["framework"] = "PyTorch"
-  workers.serve(build, info)
+  workers.serve(build, info, profile)
 
 
 if __name__ == "__main__":

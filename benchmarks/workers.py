@@ -11,6 +11,9 @@ back from its standard output:
 * ``{"op": "time", "system": NAME, "steps": N}`` -> ``{"seconds": [...]}``,
   each step timed alone in the worker;
 * ``{"op": "memory"}`` -> its resident set and high-water mark (MiB);
+* ``{"op": "profile", "system": NAME, "steps": N, "warmup": W}`` -> where
+  one step's time goes, from the framework's own profiler (workers built
+  with a ``profile`` function: ``benchmarks.torch_worker``);
 * ``{"op": "quit"}``.
 
 Every answer carries ``"ok"``; a failure answers ``{"ok": false, "error":
@@ -90,7 +93,8 @@ def time_steps(step: Callable[[], Any], steps: int) -> list[float]:
 
 
 def serve(build: Callable[[dict], tuple[dict[str, Callable[[], Any]], dict]],
-          info: dict[str, Any]) -> None:
+          info: dict[str, Any],
+          profile: Callable[..., dict[str, Any]] | None = None) -> None:
   """Answers the parent's requests until ``quit`` or end of input.
 
   Args:
@@ -98,6 +102,8 @@ def serve(build: Callable[[dict], tuple[dict[str, Callable[[], Any]], dict]],
       system of the configuration, and what else the ``build`` answer
       carries (parameter counts, compile times).
     info: The ``info`` answer (see :func:`python_info`).
+    profile: ``profile(step, steps=N, warmup=W) -> dict`` answering
+      ``profile`` requests, or ``None`` (the request is an error).
   """
   # The protocol owns the real standard output; anything a library prints
   # goes to standard error instead of corrupting it.
@@ -124,6 +130,10 @@ def serve(build: Callable[[dict], tuple[dict[str, Callable[[], Any]], dict]],
                                         int(request["steps"]))}
       elif op == "memory":
         answer = process_memory()
+      elif op == "profile" and profile is not None:
+        answer = profile(steps[request["system"]],
+                         steps=int(request["steps"]),
+                         warmup=int(request.get("warmup", 0)))
       else:
         raise ValueError(f"Unknown op {op!r}.")
       answer["ok"] = True

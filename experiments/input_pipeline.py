@@ -6,10 +6,11 @@ hands out
 
 * training iterators, infinite, with exact ``get_state`` / ``set_state``:
   ``jaxkd.data.make_loader`` (grain, per-record augmentation), or with
-  ``config.in_memory`` an :class:`ArrayLoader` over the decoded split (for
-  the small embedded data sets, where grain's per-record work would cost
-  more than the model's step); either way a fresh permutation per epoch
-  that depends only on ``(seed, epoch)``;
+  ``config.in_memory`` ``jaxkd.data.make_array_loader`` over the decoded
+  split (grain again, one gather per batch: for the small embedded data
+  sets, where per-record work would cost more than the model's step);
+  either way a fresh permutation per epoch that depends only on
+  ``(seed, epoch)``;
 * evaluation batches, one pass, the last batch padded and masked.
 
 :func:`random_shift` is a random translation done inside the step
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -56,68 +57,9 @@ def random_shift(images: jax.Array, key: jax.Array, *,
   return jax.vmap(crop)(padded, offsets)
 
 
-class ArrayLoader(Iterator[dict[str, np.ndarray]]):
-  """Infinite shuffled batches of in-memory arrays, checkpointable.
-
-  Epoch ``e`` visits the examples in ``default_rng([seed, e]).permutation``
-  order and drops the incomplete last batch. Every array is indexed on its
-  first axis; ``"teacher_logits"`` is stored ``[N, K, C]`` and handed out
-  ``[K, B, C]``, as the train step reads it.
-  """
-
-  def __init__(self, arrays: dict[str, np.ndarray], *, batch_size: int,
-               seed: int):
-    sizes = {len(v) for v in arrays.values()}
-    if len(sizes) != 1:
-      raise ValueError(f"Arrays of different lengths: {sizes}.")
-    (self.num_examples,) = sizes
-    if batch_size > self.num_examples:
-      raise ValueError(
-          f"`batch_size` {batch_size} is larger than the split"
-          f" ({self.num_examples} examples)."
-      )
-    self._arrays = arrays
-    self.batch_size = batch_size
-    self.seed = seed
-    self._epoch = 0
-    self._index = 0
-    self._permutation = self._order(0)
-
-  def _order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(
-        self.num_examples)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._index + self.batch_size > self.num_examples:
-      self._epoch += 1
-      self._index = 0
-      self._permutation = self._order(self._epoch)
-    rows = self._permutation[self._index:self._index + self.batch_size]
-    self._index += self.batch_size
-    batch = {k: v[rows] for k, v in self._arrays.items()}
-    if "teacher_logits" in batch:
-      batch["teacher_logits"] = np.moveaxis(batch["teacher_logits"], 1, 0)
-    return batch
-
-  def get_state(self) -> dict[str, Any]:
-    return {"epoch": self._epoch, "index": self._index, "seed": self.seed,
-            "batch_size": self.batch_size,
-            "num_examples": self.num_examples}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    for key in ("seed", "batch_size", "num_examples"):
-      if state.get(key) != getattr(self, key):
-        raise ValueError(
-            f"The saved data state has {key}={state.get(key)!r}, this loader"
-            f" {getattr(self, key)!r}: resuming would not reproduce the"
-            " stream."
-        )
-    self._epoch = int(state["epoch"])
-    self._index = int(state["index"])
-    self._permutation = self._order(self._epoch)
+def _example_axes(arrays: dict[str, np.ndarray]) -> dict[str, int]:
+  # Cached teacher logits are [K, N, C]; every other array is [N, ...].
+  return {name: 1 if name == "teacher_logits" else 0 for name in arrays}
 
 
 @functools.lru_cache(maxsize=8)
@@ -163,23 +105,33 @@ class Data:
   def train_iterator(self, seed: int, *, extra: dict[str, np.ndarray]
                      | None = None):
     """Infinite training batches of ``seed``, with ``extra`` per-example
-    arrays (``in_memory`` only)."""
+    arrays (``in_memory`` only; ``"teacher_logits"`` is ``[K, N, C]``, handed
+    out ``[K, B, C]`` as the train step reads it)."""
     if self.in_memory:
       images, labels = self.train_arrays()
       arrays = {"image": images, "label": labels, **(extra or {})}
-      return ArrayLoader(arrays, batch_size=self.batch_size, seed=seed)
+      return data_lib.make_array_loader(
+          arrays, batch_size=self.batch_size, seed=seed,
+          example_axis=_example_axes(arrays))
     if extra:
       raise ValueError("Per-example arrays need `in_memory=True`.")
     return data_lib.make_loader(
         self.spec, self.train_split, batch_size=self.batch_size, seed=seed,
         train=True, data_dir=self.data_dir, augment=self.augment)
 
-  def sample_batch(self) -> dict[str, np.ndarray]:
-    """A training-shaped batch of zeros (for initialisation)."""
-    return {
+  def sample_batch(self, extra: dict[str, np.ndarray] | None = None
+                   ) -> dict[str, np.ndarray]:
+    """A training-shaped batch of zeros (for initialisation), with the
+    per-example ``extra`` arrays of :meth:`train_iterator`."""
+    sample = {
         "image": np.zeros((self.batch_size,) + self.image_shape, np.float32),
         "label": np.zeros((self.batch_size,), np.int32),
     }
+    for name, axis in _example_axes(extra or {}).items():
+      shape = list(extra[name].shape)
+      shape[axis] = self.batch_size
+      sample[name] = np.zeros(shape, extra[name].dtype)
+    return sample
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the test split; every batch has a ``"mask"``."""

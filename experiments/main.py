@@ -31,6 +31,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import pipeline
+from experiments import report
 from experiments import train
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
@@ -73,7 +74,7 @@ def main(argv):
       raise app.UsageError(
           "--publish writes the committed results of the real config; a"
           " :runlocal run is a smoke test and is never published.")
-    results_dir = pipeline.DEFAULT_RESULTS_DIR
+    results_dir = report.DEFAULT_RESULTS_DIR
   with _data_for(config):
     _run(config, workdir, mode, command, results_dir)
   size = sum(f.stat().st_size for f in pathlib.Path(workdir).rglob("*")

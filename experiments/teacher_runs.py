@@ -56,7 +56,7 @@ def teacher_epochs(config) -> int:
 
 def teacher_logits_on_train(ctx: Context, group: teachers_lib.TeacherGroup,
                     variables: teachers_lib.TeacherVariables) -> np.ndarray:
-  """The teachers' logits on the in-memory training split, ``[N, K, C]``."""
+  """The teachers' logits on the in-memory training split, ``[K, N, C]``."""
   images, _ = ctx.data.train_arrays()
   forward = ctx.cached(("teacher_forward", id(group)), lambda: jax.jit(
       lambda v, x: teachers_lib.apply_teachers(group, v, x).logits))
@@ -70,7 +70,7 @@ def teacher_logits_on_train(ctx: Context, group: teachers_lib.TeacherGroup,
                                               chunk.dtype)])
     logits = np.asarray(forward(variables, ctx.put({"x": chunk})["x"]))
     out.append(logits[:, :size - pad])
-  return np.moveaxis(np.concatenate(out, axis=1), 0, 1)
+  return np.concatenate(out, axis=1)
 
 
 def train_teacher(ctx: Context, seed: int, index: int,

@@ -195,11 +195,7 @@ def train_student(
   if offline:
     extra = {"teacher_logits": teacher_logits_on_train(ctx, teachers.group,
                                                teachers.variables)}
-  sample = ctx.data.sample_batch()
-  if extra:
-    sample["teacher_logits"] = np.zeros(
-        (extra["teacher_logits"].shape[1], ctx.data.batch_size,
-         extra["teacher_logits"].shape[2]), np.float32)
+  sample = ctx.data.sample_batch(extra)
   # The state holds its own copy of the teachers (the step donates it).
   state = init_state(
       ctx, distillation, jax.random.key(seed), sample,

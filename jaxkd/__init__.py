@@ -12,7 +12,7 @@ nothing heavier; no import changes the environment):
 * ``teachers``: stacked teachers and how they run;
 * ``engine`` entry points, re-exported here: :class:`Distillation`,
   :class:`DistillState`, :func:`make_train_step`, :func:`make_eval_step`,
-  :func:`summarize`;
+  :func:`evaluate`, :func:`summarize`;
 * ``methods``: distillation methods built on the engine (adversarial,
   mutual, data-free);
 * ``sharding``, ``distributed`` (multi-process runs whose survivors exit
@@ -54,6 +54,7 @@ _ENGINE = {
     "Views": "jaxkd.train_step",
     "make_train_step": "jaxkd.train_step",
     "make_eval_step": "jaxkd.train_step",
+    "evaluate": "jaxkd.train_step",
     "summarize": "jaxkd.train_step",
     "DistillState": "jaxkd.state",
 }

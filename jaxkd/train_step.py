@@ -35,20 +35,28 @@ besides their outputs, nothing of it is kept for the backward pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxkd import batch_checks
 from jaxkd import lm
-from jaxkd import losses
 from jaxkd import objective as objective_lib
 from jaxkd import teachers as teachers_lib
 from jaxkd.models import Model
 from jaxkd import state as state_lib
+from jaxkd._metrics import evaluation_metrics
+from jaxkd._metrics import example_weights
+from jaxkd._metrics import prediction_metrics
+from jaxkd._metrics import summarize
+from jaxkd._metrics import token_evaluation_metrics
+from jaxkd._metrics import token_prediction_metrics
+from jaxkd._offline import cache_teacher_outputs
+from jaxkd._offline import expand_top_k
+from jaxkd._views import Views
+from jaxkd._views import make_views
 from jaxkd.state import DistillState
 
 __all__ = [
@@ -56,6 +64,7 @@ __all__ = [
     "NONFINITE_POLICIES",
     "Views",
     "cache_teacher_outputs",
+    "evaluate",
     "evaluation_metrics",
     "expand_top_k",
     "make_eval_step",
@@ -67,79 +76,10 @@ __all__ = [
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
-ViewFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 NONFINITE_POLICIES = ("skip", "apply")
 # Cached per-token entries of token batches: batch axis 0 (not a teacher axis).
 _TOKEN_CACHE_KEYS = ("teacher_topk_log_probs", "teacher_topk_indices")
-
-
-@dataclasses.dataclass(frozen=True)
-class Views:
-  """How the student's and the teachers' inputs are made from a batch.
-
-  Every function is ``fn(images, key) -> images`` and runs inside the step:
-
-  * ``shared``: one augmentation both sides see (function matching, Beyer
-    et al. 2022), optionally followed by mixup with ``mixup_alpha > 0``
-    (labels become soft);
-  * ``student``: a further transform for the student only (a noisier view);
-  * ``teacher``: a further transform for the teachers only, e.g.
-    ``functools.partial(losses.perturb_inputs, noise_scale=0.1)`` for
-    perturbation-robust distillation.
-  """
-
-  shared: ViewFn | None = None
-  student: ViewFn | None = None
-  teacher: ViewFn | None = None
-  mixup_alpha: float = 0.0
-
-  def __post_init__(self):
-    if self.mixup_alpha < 0:
-      raise ValueError(f"`mixup_alpha` must be >= 0, got {self.mixup_alpha}.")
-
-
-def _mixup(images, labels, key, alpha):
-  """Mixed images and a function of the class count giving mixed labels."""
-  lam_key, perm_key = jax.random.split(key)
-  lam = jax.random.beta(lam_key, alpha, alpha).astype(jnp.float32)
-  perm = jax.random.permutation(perm_key, images.shape[0])
-  mixed = lam.astype(images.dtype) * images + (1 - lam).astype(
-      images.dtype
-  ) * images[perm]
-
-  def mixed_labels(num_classes: int) -> jax.Array | None:
-    if labels is None:
-      return None
-    soft = labels
-    if jnp.issubdtype(soft.dtype, jnp.integer):
-      soft = jax.nn.one_hot(soft, num_classes, dtype=jnp.float32)
-    return lam * soft + (1 - lam) * soft[perm]
-
-  return mixed, mixed_labels
-
-
-def make_views(
-    views: Views, images, labels, key
-) -> tuple[jax.Array, jax.Array, Callable[[int], jax.Array | None]]:
-  """``(student_images, teacher_images, labels_for)`` of one step.
-
-  ``labels_for(num_classes)`` gives the step's labels: the batch's, or their
-  mixup (soft, ``[B, num_classes]``).
-  """
-  shared_key, mix_key, student_key, teacher_key = jax.random.split(key, 4)
-  if views.shared is not None:
-    images = views.shared(images, shared_key)
-  labels_for = lambda num_classes: labels
-  if views.mixup_alpha > 0:
-    images, labels_for = _mixup(images, labels, mix_key, views.mixup_alpha)
-  student_images = (
-      images if views.student is None else views.student(images, student_key)
-  )
-  teacher_images = (
-      images if views.teacher is None else views.teacher(images, teacher_key)
-  )
-  return student_images, teacher_images, labels_for
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -602,10 +542,10 @@ class Distillation:
 
   def _prediction_metrics(self, outputs: objective_lib.StepOutputs) -> dict:
     if self.token_inputs:
-      return _token_prediction_metrics(
+      return token_prediction_metrics(
           outputs, outputs.batch[self.inputs],
           self._token_mask(outputs.batch))
-    return _prediction_metrics(outputs)
+    return prediction_metrics(outputs)
 
   def _token_mask(self, batch: Batch) -> jax.Array | None:
     key = self.input_mask or "mask"
@@ -627,7 +567,7 @@ class Distillation:
           sums[f"{term.name}/{key}"] = value
       return sums
     sums = evaluation_metrics(outputs, batch.get("mask"))
-    weights = _example_weights(outputs.student_logits, batch.get("mask"))
+    weights = example_weights(outputs.student_logits, batch.get("mask"))
     for term in self.objective:
       for key, value in term.evaluation_sums(outputs, weights).items():
         sums[f"{term.name}/{key}"] = value
@@ -636,167 +576,6 @@ class Distillation:
 
 def _has_cached_teacher(batch: Batch) -> bool:
   return "teacher_logits" in batch or "teacher_topk_logits" in batch
-
-
-def expand_top_k(
-    top_logits: jax.Array, top_indices: jax.Array, num_classes: int
-) -> jax.Array:
-  """Full teacher logits from cached top-k entries; the rest are ``-inf``.
-
-  Args:
-    top_logits: ``[..., k]`` floating logits.
-    top_indices: ``[..., k]`` integer class indices.
-    num_classes: The number of classes ``C``.
-
-  Returns:
-    ``[..., C]`` logits, ``-inf`` outside the cached classes.
-  """
-  top_logits = jnp.asarray(top_logits, jnp.float32)
-  full = jnp.full(top_logits.shape[:-1] + (num_classes,), -jnp.inf)
-  one_hot = jax.nn.one_hot(top_indices, num_classes, dtype=jnp.bool_)
-  # Each cached class sets its own entry; the rest stay -inf.
-  values = jnp.where(one_hot, top_logits[..., None], -jnp.inf)
-  return jnp.maximum(full, jnp.max(values, axis=-2))
-
-
-def cache_teacher_outputs(
-    logits: jax.Array, *, top_k: int | None = None
-) -> dict[str, jax.Array]:
-  """The batch entries for offline distillation from teacher logits.
-
-  Args:
-    logits: ``[K, B, C]`` or ``[B, C]`` teacher logits.
-    top_k: Keep only the ``top_k`` largest logits per example (and their
-      indices); ``None`` keeps all.
-
-  Returns:
-    ``{"teacher_logits": ...}`` or ``{"teacher_topk_logits": ...,
-    "teacher_topk_indices": ...}`` to merge into the batch.
-  """
-  logits = jnp.asarray(logits)
-  if top_k is None:
-    return {"teacher_logits": logits}
-  if not 0 < top_k <= logits.shape[-1]:
-    raise ValueError(
-        f"`top_k` must lie in [1, {logits.shape[-1]}], got {top_k}."
-    )
-  values, indices = jax.lax.top_k(logits, top_k)
-  return {"teacher_topk_logits": values, "teacher_topk_indices": indices}
-
-
-def _prediction_metrics(outputs: objective_lib.StepOutputs) -> dict:
-  metrics = {}
-  predictions = jnp.argmax(outputs.student_logits, axis=-1)
-  labels = outputs.labels
-  if labels is not None:
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-      labels = jnp.argmax(labels, axis=-1)
-    metrics["accuracy"] = jnp.mean(predictions == labels)
-  if outputs.teacher_logits is not None:
-    ensemble = jnp.argmax(
-        losses.ensemble_log_soft_targets(outputs.teacher_logits), axis=-1
-    )
-    metrics["teacher_agreement"] = jnp.mean(predictions == ensemble)
-  return metrics
-
-
-def _as_float(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.float32)
-
-
-def _token_prediction_metrics(
-    outputs: objective_lib.StepOutputs, tokens: jax.Array,
-    mask: jax.Array | None,
-) -> dict:
-  """Next-token accuracy and agreement with the teachers, valid tokens."""
-  targets = lm.next_token_targets(jnp.asarray(tokens), mask)
-  predictions = jnp.argmax(
-      lm.next_token_logits(outputs.student_logits), axis=-1)
-  metrics = {"accuracy": lm.token_mean(
-      _as_float(predictions == targets.targets), targets.mask)}
-  if outputs.teacher_logits is not None:
-    ensemble = jnp.argmax(losses.ensemble_log_soft_targets(
-        outputs.teacher_logits[..., :-1, :]), axis=-1)
-    metrics["teacher_agreement"] = lm.token_mean(
-        _as_float(predictions == ensemble), targets.mask)
-  return metrics
-
-
-def token_evaluation_metrics(
-    outputs: objective_lib.StepOutputs, targets: lm.NextTokenTargets
-) -> dict[str, jax.Array]:
-  """Sums over a token batch of next-token loss, accuracy and agreement.
-
-  ``count`` is the number of valid next-token predictions
-  (``targets.mask``); ``loss`` sums the student's negative log-likelihood
-  in nats (divide by ``log 2`` for bits per token), ``teacher_loss`` the
-  teachers' (``[K]``), ``kl_to_teachers`` the KL from the student to the
-  teachers' mixture. :func:`summarize` divides every sum by the count.
-  """
-  weights = targets.mask.astype(jnp.float32)
-  logits = lm.next_token_logits(outputs.student_logits).astype(jnp.float32)
-  labels = targets.targets
-  metrics = {"count": jnp.sum(weights)}
-  predictions = jnp.argmax(logits, axis=-1)
-  metrics["correct"] = jnp.sum(weights * _as_float(predictions == labels))
-  metrics["loss"] = jnp.sum(weights * losses.cross_entropy(
-      logits, labels, where=targets.mask))
-  if outputs.teacher_logits is not None:
-    teacher_logits = outputs.teacher_logits[..., :-1, :].astype(jnp.float32)
-    log_mixture = losses.ensemble_log_soft_targets(teacher_logits)
-    metrics["teacher_agreement"] = jnp.sum(
-        weights * _as_float(predictions == jnp.argmax(log_mixture, -1)))
-    metrics["kl_to_teachers"] = jnp.sum(
-        weights * losses.kl_divergence(logits, log_mixture))
-    per_teacher = jax.vmap(
-        lambda t: losses.cross_entropy(t, labels, where=targets.mask)
-    )(teacher_logits)
-    metrics["teacher_loss"] = jnp.sum(weights[None] * per_teacher, (1, 2))
-    metrics["teacher_correct"] = jnp.sum(weights[None] * _as_float(
-        jnp.argmax(teacher_logits, -1) == labels[None]), (1, 2))
-  return metrics
-
-
-def _example_weights(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
-  if mask is None:
-    return jnp.ones(logits.shape[:1], jnp.float32)
-  return jnp.asarray(mask).astype(jnp.float32)
-
-
-def evaluation_metrics(
-    outputs: objective_lib.StepOutputs, mask: jax.Array | None = None
-) -> dict[str, jax.Array]:
-  """Sums over a batch of accuracy, loss, agreement and KL, with a count.
-
-  Sums (not means) let a loop add batches of any size, padded batches
-  included (``mask``), and divide by ``count`` at the end.
-  """
-  logits = outputs.student_logits.astype(jnp.float32)
-  weights = _example_weights(logits, mask)
-  metrics = {"count": jnp.sum(weights)}
-  predictions = jnp.argmax(logits, axis=-1)
-  if outputs.labels is not None:
-    labels = outputs.labels
-    metrics["correct"] = jnp.sum(weights * _as_float(predictions == labels))
-    metrics["loss"] = jnp.sum(
-        weights
-        * optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    )
-  if outputs.teacher_logits is not None:
-    teacher_logits = outputs.teacher_logits.astype(jnp.float32)
-    log_ensemble = losses.ensemble_log_soft_targets(teacher_logits)
-    metrics["teacher_agreement"] = jnp.sum(
-        weights * _as_float(predictions == jnp.argmax(log_ensemble, axis=-1))
-    )
-    metrics["kl_to_teachers"] = jnp.sum(
-        weights * losses.kl_divergence(logits, log_ensemble)
-    )
-    if outputs.labels is not None:
-      teacher_correct = jnp.argmax(teacher_logits, -1) == labels[None]
-      metrics["teacher_correct"] = jnp.sum(
-          weights[None] * _as_float(teacher_correct), axis=-1
-      )
-  return metrics
 
 
 def make_train_step(
@@ -828,26 +607,37 @@ def make_train_step(
 def make_eval_step(
     distillation: Distillation,
 ) -> Callable[[DistillState, Batch], dict]:
-  """The jitted ``(state, batch) -> metric sums`` (see evaluation_metrics)."""
+  """The jitted ``(state, batch) -> metric sums`` of one batch.
+
+  Sums with a ``count`` (:func:`evaluation_metrics`,
+  :func:`token_evaluation_metrics`), so that batches and data shards add up
+  exactly; :func:`summarize` divides them, :func:`evaluate` does both over
+  an iterable of batches.
+  """
   return jax.jit(distillation._eval_step)  # pylint: disable=protected-access
 
 
-def summarize(metric_sums: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-  """Adds per-batch sums from the eval step and divides by the count."""
-  total: dict[str, np.ndarray] = {}
-  for sums in metric_sums:
-    for name, value in sums.items():
-      total[name] = total.get(name, 0) + np.asarray(value, np.float64)
-  count = float(total.pop("count", 0.0))
-  if count == 0:
-    return {}
-  out = {}
-  for name, value in total.items():
-    key = {"correct": "accuracy", "teacher_correct": "teacher_accuracy"}.get(
-        name, name
-    )
-    value = value / count
-    out[key] = value.tolist() if np.ndim(value) else float(value)
-  return out
+def evaluate(
+    distillation: Distillation,
+    state: DistillState,
+    batches: Iterable[Batch],
+    *,
+    eval_step: Callable[[DistillState, Batch], dict] | None = None,
+) -> dict[str, float]:
+  """Means of the evaluation metrics over ``batches`` (one pass).
 
+  Runs the jitted eval step (``eval_step``, default
+  :func:`make_eval_step`'s; pass one to reuse its compilation across calls)
+  on every batch and divides the summed metrics by the number of counted
+  examples (tokens for language models) once, with :func:`summarize`:
+  padded batches (``"mask"``) and batches of different sizes weigh by what
+  they count, not by batch. Keys: ``accuracy``, ``loss`` (nats),
+  ``teacher_agreement``, ``kl_to_teachers``, ``teacher_accuracy`` (one per
+  teacher), and ``<term>/<metric>`` for the objective's terms.
 
+  Returns:
+    ``{}`` if nothing was counted.
+  """
+  if eval_step is None:
+    eval_step = make_eval_step(distillation)
+  return summarize([eval_step(state, batch) for batch in batches])

@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import flops
 from benchmarks import profile
+from benchmarks import torch_worker
 from benchmarks import scaling
 from benchmarks import throughput
 from tools import bench_readme
@@ -154,17 +155,17 @@ def test_profile_jaxkd_only(tmp_path):
 
 
 def test_profile_torch_categories():
-  assert profile.torch_category("aten::mkldnn_convolution") == (
+  assert torch_worker.category("aten::mkldnn_convolution") == (
       "convolution forward and backward")
-  assert profile.torch_category("aten::convolution_backward") == (
+  assert torch_worker.category("aten::convolution_backward") == (
       "convolution forward and backward")
-  assert profile.torch_category("aten::native_batch_norm_backward") == (
+  assert torch_worker.category("aten::native_batch_norm_backward") == (
       "BatchNorm forward and backward")
-  assert profile.torch_category("aten::threshold_backward") == (
+  assert torch_worker.category("aten::threshold_backward") == (
       "ReLU forward and backward")
-  assert profile.torch_category("aten::_foreach_add_") == "optimiser"
-  assert profile.torch_category("aten::copy_") == "copies and layout"
-  assert profile.torch_category("aten::_log_softmax") == (
+  assert torch_worker.category("aten::_foreach_add_") == "optimiser"
+  assert torch_worker.category("aten::copy_") == "copies and layout"
+  assert torch_worker.category("aten::_log_softmax") == (
       "loss, autograd and the rest")
 
 

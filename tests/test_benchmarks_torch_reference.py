@@ -184,3 +184,56 @@ def test_torch_reference_with_a_torch_worker(tmp_path, fast_compile):
   assert summary["stack"] == jax_stack
   assert "- Worker PyTorch: PyTorch: python 3.11" in markdown
   assert "x PyTorch online" in markdown
+
+
+def _torch_python_or_skip():
+  try:
+    return torch_reference.find_torch_python(
+        os.environ.get(torch_reference.TORCH_PYTHON_ENV))
+  except SystemExit as e:
+    pytest.skip(f"No Python with torch (CI installs only .[test]): {e}")
+
+
+PROFILE_TINY = ["--steps", "1", "--rounds", "1", "--warmup", "1",
+                "--num_classes", "10", "--batch_size", "2",
+                "--teacher", "resnet8", "--student", "resnet8",
+                "--image_size", "8"]
+
+
+def test_profile_runs_pytorch_in_a_torch_worker(tmp_path, fast_compile):
+  del fast_compile
+  from benchmarks import profile  # pylint: disable=g-import-not-at-top
+
+  torch_python = _torch_python_or_skip()
+  results = profile.main(PROFILE_TINY + ["--torch_python", torch_python,
+                                         "--out_dir", str(tmp_path)])
+  markdown = (tmp_path / "profile.md").read_text()
+  for program in profile.PROGRAMS:
+    torch_result = results["torch"][program]
+    assert torch_result["wall_ms"] > 0
+    assert torch_result["ms"]["convolution forward and backward"] > 0
+    assert results["jaxkd"][program]["wall_ms"] > 0
+  # The teacher's convolutions run only online.
+  assert (results["torch"]["online"]["ms"]["convolution forward and backward"]
+          > results["torch"]["offline"]["ms"][
+              "convolution forward and backward"])
+  assert "PyTorch: python 3.11" in results["torch"]["stack"]
+  assert "PyTorch, online: self CPU ms per step" in markdown
+
+
+def test_profile_without_a_torch_python_profiles_jaxkd_alone(
+    tmp_path, monkeypatch, capsys):
+  from benchmarks import profile  # pylint: disable=g-import-not-at-top
+
+  def missing(explicit):
+    raise SystemExit(f"no torch here ({explicit})")
+
+  monkeypatch.setattr(torch_reference, "find_torch_python", missing)
+  monkeypatch.delenv(torch_reference.TORCH_PYTHON_ENV, raising=False)
+  results = profile.main(PROFILE_TINY + ["--out_dir", str(tmp_path)])
+  assert "torch" not in results and results["jaxkd"]["online"]["wall_ms"] > 0
+  assert "no torch here (None)\nProfiling jaxkd alone." in capsys.readouterr().err
+  # An interpreter named explicitly must have torch: no silent skip.
+  with pytest.raises(SystemExit, match="no torch here \\(/nowhere\\)"):
+    profile.main(PROFILE_TINY + ["--torch_python", "/nowhere",
+                                 "--out_dir", str(tmp_path)])

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxkd
 from jaxkd import losses
 from jaxkd import objective
 from jaxkd import sweep
@@ -394,6 +395,26 @@ def test_eval_step_matches_numpy():
   assert summary["loss"] == pytest.approx(
       -np.mean(log_p[np.arange(30), labels]), rel=1e-5)
   assert len(summary["teacher_accuracy"]) == 2
+
+
+def test_evaluate_weighs_batches_by_what_they_count():
+  # Two batches, one of them padded: the mean is over the 32 + 5 counted
+  # examples, not the mean of the two batch means.
+  spec, _, state = kd_setup(2)
+  batches = [BATCHES[0], {**BATCHES[1], "mask": jnp.arange(32) < 5}]
+  summary = train_step.evaluate(spec, state, batches)
+  correct = []
+  for batch, count in zip(batches, (32, 5)):
+    logits = STUDENT.apply(state.params["student"],
+                           state.model_state["student"], batch["image"],
+                           train=False, rng=None)[0]
+    correct.append(np.argmax(np.asarray(logits), -1)[:count]
+                   == np.asarray(batch["label"])[:count])
+  assert summary["accuracy"] == pytest.approx(np.mean(np.concatenate(correct)))
+  assert summary == train_step.summarize(
+      [train_step.make_eval_step(spec)(state, b) for b in batches])
+  assert jaxkd.evaluate is train_step.evaluate
+  assert train_step.evaluate(spec, state, []) == {}
 
 
 def test_errors_before_any_step():

@@ -16,6 +16,9 @@
   ``"mask"`` for padded evaluation batches): per-epoch seeded shuffle,
   per-process sharding, seeded per-record augmentation, exact
   ``get_state`` / ``set_state`` (a JSON-serialisable dict).
+* :func:`make_array_loader`: the same kind of iterator over arrays held in
+  memory (decoded small data sets, cached teacher outputs): one gather per
+  batch instead of per-record work, whole batches per epoch.
 
 The data directory is ``data_dir=`` if given, else ``$JAXKD_DATA_DIR``, else
 ``~/.cache/jaxkd/tensorflow_datasets``.
@@ -42,6 +45,7 @@ TensorFlow Datasets and grain are imported on first use, not by
 ``import jaxkd.data``.
 """
 
+from jaxkd.data._arrays import make_array_loader as make_array_loader
 from jaxkd.data._loader import BatchIterator as BatchIterator
 from jaxkd.data._loader import make_loader as make_loader
 from jaxkd.data._registry import AUGMENTATIONS as AUGMENTATIONS
@@ -65,6 +69,7 @@ __all__ = [
     "check_split",
     "data_source",
     "get_spec",
+    "make_array_loader",
     "make_loader",
     "prepare",
     "resolve_data_dir",

@@ -65,7 +65,7 @@ from jaxkd.data._registry import get_spec
 _STATE_VERSION = 1
 
 
-def _derive_seed(seed: int, purpose: int) -> int:
+def derive_seed(seed: int, purpose: int) -> int:
   # A 32-bit seed per purpose (0: shuffle, 1: augmentation), mixed by
   # SeedSequence so that nearby user seeds give unrelated streams. (grain
   # reshuffles epoch `e` with `shuffle_seed + e`: without mixing, seed `s` at
@@ -73,7 +73,7 @@ def _derive_seed(seed: int, purpose: int) -> int:
   return int(np.random.SeedSequence([seed, purpose]).generate_state(1)[0])
 
 
-def _check_int(
+def check_int(
     name: str, value: Any, *, minimum: int, maximum: int | None = None
 ) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -86,6 +86,23 @@ def _check_int(
       bound = f"in [{minimum}, {maximum}]"
     raise ValueError(f"`{name}` must be {bound}, got {value}.")
   return value
+
+
+def resolve_processes(process_index: int | None,
+                      process_count: int | None) -> tuple[int, int]:
+  """``(process_index, process_count)``, JAX's where ``None``, checked."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if process_index is None:
+      process_index = jax.process_index()
+    if process_count is None:
+      process_count = jax.process_count()
+  process_count = check_int("process_count", process_count, minimum=1)
+  process_index = check_int(
+      "process_index", process_index, minimum=0, maximum=process_count - 1
+  )
+  return process_index, process_count
 
 
 class _PaddedShard:
@@ -120,7 +137,7 @@ class _PaddedShard:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class LoaderConfig:
   """What a state dict must match to be restored (see ``get_state``)."""
 
   dataset: str
@@ -135,25 +152,28 @@ class _Config:
   augment: str
   num_examples: int
   worker_count: int
+  # In-memory loaders (`make_array_loader`): the arrays' names and shapes.
+  arrays: str = ""
 
 
 class BatchIterator(Iterator[dict[str, np.ndarray]]):
   """An iterator of NumPy batches with exact ``get_state`` / ``set_state``.
 
-  Built by :func:`make_loader`. Attributes:
+  Built by :func:`make_loader` and :func:`make_array_loader`. Attributes:
 
-  * ``spec``: the :class:`~jaxkd.data.DatasetSpec`.
-  * ``split``, ``batch_size`` (per process), ``process_index``,
-    ``process_count``, ``train``.
-  * ``num_examples``: records in the split (all processes together).
+  * ``spec``: the :class:`~jaxkd.data.DatasetSpec` (``None`` for arrays).
+  * ``split`` (``""`` for arrays), ``batch_size`` (per process),
+    ``process_index``, ``process_count``, ``train``.
+  * ``num_examples``: examples in the split or the arrays (all processes
+    together).
   * ``num_batches``: batches this iterator yields, ``None`` if infinite.
   """
 
   def __init__(
       self,
       dataset,
-      config: _Config,
-      spec: DatasetSpec,
+      config: LoaderConfig,
+      spec: DatasetSpec | None,
       num_batches: int | None,
   ):
     self._dataset = dataset
@@ -202,6 +222,10 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
           f" {_STATE_VERSION}), got {state!r}."
       )
     saved = dict(state.get("config") or {})
+    # Fields added since a state was saved hold their defaults there.
+    for field in dataclasses.fields(self._config):
+      if field.default is not dataclasses.MISSING:
+        saved.setdefault(field.name, field.default)
     current = dataclasses.asdict(self._config)
     different = {
         key: (saved.get(key), value)
@@ -292,27 +316,18 @@ def make_loader(
   """
   spec = get_spec(name)
   check_split(spec, split)
-  batch_size = _check_int("batch_size", batch_size, minimum=1)
-  seed = _check_int("seed", seed, minimum=0, maximum=2**32 - 1)
+  batch_size = check_int("batch_size", batch_size, minimum=1)
+  seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
   if not isinstance(train, bool):
     raise TypeError(f"`train` must be a bool, got {train!r}.")
   if num_epochs is not None:
-    num_epochs = _check_int("num_epochs", num_epochs, minimum=1)
+    num_epochs = check_int("num_epochs", num_epochs, minimum=1)
   elif not train:
     num_epochs = 1
   if drop_remainder is None:
     drop_remainder = train
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    if process_index is None:
-      process_index = jax.process_index()
-    if process_count is None:
-      process_count = jax.process_count()
-  process_count = _check_int("process_count", process_count, minimum=1)
-  process_index = _check_int(
-      "process_index", process_index, minimum=0, maximum=process_count - 1
-  )
+  process_index, process_count = resolve_processes(process_index,
+                                                   process_count)
   if augment is None:
     augment = spec.augment if train else "none"
   if augment not in AUGMENTATIONS:
@@ -326,11 +341,11 @@ def make_loader(
     )
   if num_threads is None:
     num_threads = min(8, os.cpu_count() or 1)
-  num_threads = _check_int("num_threads", num_threads, minimum=0)
-  worker_count = _check_int("worker_count", worker_count, minimum=0)
+  num_threads = check_int("num_threads", num_threads, minimum=0)
+  worker_count = check_int("worker_count", worker_count, minimum=0)
   if prefetch_buffer_size is None:
     prefetch_buffer_size = max(16, 2 * batch_size)
-  prefetch_buffer_size = _check_int(
+  prefetch_buffer_size = check_int(
       "prefetch_buffer_size", prefetch_buffer_size, minimum=1
   )
 
@@ -346,10 +361,10 @@ def make_loader(
 
   dataset = grain.MapDataset.source(source)
   if train:
-    dataset = dataset.shuffle(seed=_derive_seed(seed, 0))
+    dataset = dataset.shuffle(seed=derive_seed(seed, 0))
   dataset = dataset.repeat(num_epochs)
   if train and augment != "none":
-    dataset = dataset.random_map(preprocess, seed=_derive_seed(seed, 1))
+    dataset = dataset.random_map(preprocess, seed=derive_seed(seed, 1))
   else:
     dataset = dataset.map(preprocess)
   length = len(dataset)  # sys.maxsize when infinite
@@ -395,7 +410,7 @@ def make_loader(
         grain.MultiprocessingOptions(num_workers=worker_count)
     )
   iter_dataset = iter_dataset.batch(batch_size, drop_remainder=drop_remainder)
-  config = _Config(
+  config = LoaderConfig(
       dataset=spec.name,
       split=split,
       seed=seed,
