@@ -234,13 +234,9 @@ def find_torch_python(args) -> str | None:
 
 def profile_torch(args, python: str, *, steps: int) -> dict[str, Any]:
   """Both programs' PyTorch profiles from one torch worker."""
-  config = {
-      "teacher": args.teacher, "student": args.student,
-      "batch_size": args.batch_size, "dtype": "float32",
-      "image_size": args.image_size, "num_classes": args.num_classes,
-      "fold": False, "offline": True, "warmup": args.warmup,
-      "recipe": torch_reference.recipe(),
-  }
+  config = torch_reference.worker_config(
+      args, args.teacher, args.student, args.batch_size, "float32",
+      fold=False, offline=True)
   with workers.Worker("torch_worker", python, "benchmarks.torch_worker") as (
       worker):
     known = worker.info.get("models", [])

@@ -124,6 +124,19 @@ def recipe() -> dict[str, float]:
   }
 
 
+def worker_config(args, teacher_name: str, student_name: str,
+                  batch_size: int, dtype_name: str, *, fold: bool,
+                  offline: bool) -> dict[str, Any]:
+  """The ``build`` request's configuration, for the jaxkd and torch workers."""
+  return {
+      "teacher": teacher_name, "student": student_name,
+      "batch_size": batch_size, "dtype": dtype_name,
+      "image_size": args.image_size, "num_classes": args.num_classes,
+      "fold": fold, "offline": offline, "warmup": args.warmup,
+      "recipe": recipe(),
+  }
+
+
 # ---------------------------------------------------------------------------
 # Workers.
 # ---------------------------------------------------------------------------
@@ -237,13 +250,8 @@ def stack_text(info: dict[str, Any]) -> str:
 def measure_config(args, pool, teacher_name, student_name, batch_size,
                    dtype_name):
   """All rows of one configuration, the workers' systems alternating."""
-  config = {
-      "teacher": teacher_name, "student": student_name,
-      "batch_size": batch_size, "dtype": dtype_name,
-      "image_size": args.image_size, "num_classes": args.num_classes,
-      "fold": args.fold, "offline": args.offline, "warmup": args.warmup,
-      "recipe": recipe(),
-  }
+  config = worker_config(args, teacher_name, student_name, batch_size,
+                         dtype_name, fold=args.fold, offline=args.offline)
   built = {w: w.request("build", config=config) for w in pool}
   counts = {w.label: tuple(b["counts"]) for w, b in built.items()}
   if len(set(counts.values())) > 1:

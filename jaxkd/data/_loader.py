@@ -65,7 +65,7 @@ from jaxkd.data._registry import get_spec
 _STATE_VERSION = 1
 
 
-def derive_seed(seed: int, purpose: int) -> int:
+def _derive_seed(seed: int, purpose: int) -> int:
   # A 32-bit seed per purpose (0: shuffle, 1: augmentation), mixed by
   # SeedSequence so that nearby user seeds give unrelated streams. (grain
   # reshuffles epoch `e` with `shuffle_seed + e`: without mixing, seed `s` at
@@ -361,10 +361,10 @@ def make_loader(
 
   dataset = grain.MapDataset.source(source)
   if train:
-    dataset = dataset.shuffle(seed=derive_seed(seed, 0))
+    dataset = dataset.shuffle(seed=_derive_seed(seed, 0))
   dataset = dataset.repeat(num_epochs)
   if train and augment != "none":
-    dataset = dataset.random_map(preprocess, seed=derive_seed(seed, 1))
+    dataset = dataset.random_map(preprocess, seed=_derive_seed(seed, 1))
   else:
     dataset = dataset.map(preprocess)
   length = len(dataset)  # sys.maxsize when infinite
