@@ -30,7 +30,7 @@ from jaxkd import teachers as teachers_lib
 from jaxkd import losses
 from jaxkd.methods import data_free as data_free_lib
 from jaxkd.state import DistillState
-from jaxkd.train_step import make_eval_step
+from jaxkd.evaluation import make_eval_step
 
 # Images of the fixed set that describes a trained generator.
 NUM_SUMMARY_IMAGES = 1000

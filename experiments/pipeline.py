@@ -39,7 +39,7 @@ from experiments import writers
 from jaxkd import objective
 from jaxkd import sharding
 from jaxkd import sweep as sweep_lib
-from jaxkd.train_step import summarize
+from jaxkd.evaluation import summarize
 
 
 def _latencies(ctx, models: Mapping[str, tuple[Any, Any, Any]]) -> dict:

@@ -20,9 +20,9 @@ from experiments import writers
 from experiments.context import Context
 from jaxkd.state import DistillState
 from jaxkd.train_step import Distillation
-from jaxkd.train_step import make_eval_step
+from jaxkd.evaluation import make_eval_step
+from jaxkd.evaluation import summarize
 from jaxkd.train_step import make_train_step
-from jaxkd.train_step import summarize
 
 
 def init_state(ctx: Context, distillation: Distillation, key: jax.Array,

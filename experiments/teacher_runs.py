@@ -27,7 +27,7 @@ from jaxkd import objective
 from jaxkd import teachers as teachers_lib
 from jaxkd.state import DistillState
 from jaxkd.train_step import Distillation
-from jaxkd.train_step import make_eval_step
+from jaxkd.evaluation import make_eval_step
 
 
 @dataclasses.dataclass

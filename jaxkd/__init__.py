@@ -11,8 +11,9 @@ nothing heavier; no import changes the environment):
 * ``objective``: the terms of a distillation objective;
 * ``teachers``: stacked teachers and how they run;
 * ``engine`` entry points, re-exported here: :class:`Distillation`,
-  :class:`DistillState`, :func:`make_train_step`, :func:`make_eval_step`,
-  :func:`evaluate`, :func:`summarize`;
+  :class:`DistillState`, :func:`make_train_step` (``train_step``), and
+  :func:`make_eval_step`, :func:`evaluate`, :func:`summarize`
+  (``evaluation``);
 * ``methods``: distillation methods built on the engine (adversarial,
   mutual, data-free);
 * ``sharding``, ``distributed`` (multi-process runs whose survivors exit
@@ -33,6 +34,7 @@ _SUBMODULES = (
     "cpu",
     "data",
     "distributed",
+    "evaluation",
     "folding",
     "lm",
     "losses",
@@ -53,9 +55,9 @@ _ENGINE = {
     "Distillation": "jaxkd.train_step",
     "Views": "jaxkd.train_step",
     "make_train_step": "jaxkd.train_step",
-    "make_eval_step": "jaxkd.train_step",
-    "evaluate": "jaxkd.train_step",
-    "summarize": "jaxkd.train_step",
+    "make_eval_step": "jaxkd.evaluation",
+    "evaluate": "jaxkd.evaluation",
+    "summarize": "jaxkd.evaluation",
     "DistillState": "jaxkd.state",
 }
 

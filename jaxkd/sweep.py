@@ -21,11 +21,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
+from jaxkd import evaluation
 from jaxkd import teachers as teachers_lib
 from jaxkd.state import DistillState
 from jaxkd.train_step import Batch
@@ -140,7 +142,7 @@ def make_sweep_eval_step(
 
   def step(states: DistillState, batch: Batch):
     return jax.vmap(
-        distillation._eval_step,  # pylint: disable=protected-access
+        functools.partial(evaluation.eval_sums, distillation),
         in_axes=(_axes(states, 0), None),
     )(states, batch)
 

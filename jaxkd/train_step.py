@@ -35,23 +35,18 @@ besides their outputs, nothing of it is kept for the backward pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxkd import batch_checks
-from jaxkd import lm
 from jaxkd import objective as objective_lib
 from jaxkd import teachers as teachers_lib
 from jaxkd.models import Model
 from jaxkd import state as state_lib
-from jaxkd._metrics import evaluation_metrics
-from jaxkd._metrics import example_weights
 from jaxkd._metrics import prediction_metrics
-from jaxkd._metrics import summarize
-from jaxkd._metrics import token_evaluation_metrics
 from jaxkd._metrics import token_prediction_metrics
 from jaxkd._offline import cache_teacher_outputs
 from jaxkd._offline import expand_top_k
@@ -64,14 +59,9 @@ __all__ = [
     "NONFINITE_POLICIES",
     "Views",
     "cache_teacher_outputs",
-    "evaluate",
-    "evaluation_metrics",
     "expand_top_k",
-    "make_eval_step",
     "make_train_step",
     "make_views",
-    "summarize",
-    "token_evaluation_metrics",
 ]
 
 PyTree = Any
@@ -544,34 +534,14 @@ class Distillation:
     if self.token_inputs:
       return token_prediction_metrics(
           outputs, outputs.batch[self.inputs],
-          self._token_mask(outputs.batch))
+          self.token_mask(outputs.batch))
     return prediction_metrics(outputs)
 
-  def _token_mask(self, batch: Batch) -> jax.Array | None:
+  def token_mask(self, batch: Batch) -> jax.Array | None:
+    """The batch's token mask as booleans (``None`` if it has none)."""
     key = self.input_mask or "mask"
     return None if key not in batch else jnp.asarray(batch[key]).astype(
         jnp.bool_)
-
-  def _eval_step(self, state: DistillState, batch: Batch):
-    outputs, _ = self._outputs(
-        state.params, state, batch, key=jax.random.key(0), train=False
-    )
-    if self.token_inputs:
-      targets = lm.next_token_targets(
-          jnp.asarray(batch[self.inputs]), self._token_mask(batch)
-      )
-      sums = token_evaluation_metrics(outputs, targets)
-      weights = targets.mask.astype(jnp.float32)
-      for term in self.objective:
-        for key, value in term.evaluation_sums(outputs, weights).items():
-          sums[f"{term.name}/{key}"] = value
-      return sums
-    sums = evaluation_metrics(outputs, batch.get("mask"))
-    weights = example_weights(outputs.student_logits, batch.get("mask"))
-    for term in self.objective:
-      for key, value in term.evaluation_sums(outputs, weights).items():
-        sums[f"{term.name}/{key}"] = value
-    return sums
 
 
 def _has_cached_teacher(batch: Batch) -> bool:
@@ -602,42 +572,3 @@ def make_train_step(
       out_shardings=None if state_shardings is None else (
           state_shardings, None),
   )
-
-
-def make_eval_step(
-    distillation: Distillation,
-) -> Callable[[DistillState, Batch], dict]:
-  """The jitted ``(state, batch) -> metric sums`` of one batch.
-
-  Sums with a ``count`` (:func:`evaluation_metrics`,
-  :func:`token_evaluation_metrics`), so that batches and data shards add up
-  exactly; :func:`summarize` divides them, :func:`evaluate` does both over
-  an iterable of batches.
-  """
-  return jax.jit(distillation._eval_step)  # pylint: disable=protected-access
-
-
-def evaluate(
-    distillation: Distillation,
-    state: DistillState,
-    batches: Iterable[Batch],
-    *,
-    eval_step: Callable[[DistillState, Batch], dict] | None = None,
-) -> dict[str, float]:
-  """Means of the evaluation metrics over ``batches`` (one pass).
-
-  Runs the jitted eval step (``eval_step``, default
-  :func:`make_eval_step`'s; pass one to reuse its compilation across calls)
-  on every batch and divides the summed metrics by the number of counted
-  examples (tokens for language models) once, with :func:`summarize`:
-  padded batches (``"mask"``) and batches of different sizes weigh by what
-  they count, not by batch. Keys: ``accuracy``, ``loss`` (nats),
-  ``teacher_agreement``, ``kl_to_teachers``, ``teacher_accuracy`` (one per
-  teacher), and ``<term>/<metric>`` for the objective's terms.
-
-  Returns:
-    ``{}`` if nothing was counted.
-  """
-  if eval_step is None:
-    eval_step = make_eval_step(distillation)
-  return summarize([eval_step(state, batch) for batch in batches])

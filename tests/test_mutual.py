@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxkd
 from jaxkd import objective
 from jaxkd import train_step
 from jaxkd.methods import mutual
@@ -45,8 +46,8 @@ def test_students_train_on_real_digits_and_eval_matches_numpy():
   images, labels = tiny.digits()
   batch = {"image": jnp.asarray(images[:40]), "label": jnp.asarray(labels[:40]),
            "mask": jnp.arange(40) < 30}
-  sums = train_step.make_eval_step(MD)(state, batch)
-  summary = train_step.summarize([sums])
+  sums = jaxkd.make_eval_step(MD)(state, batch)
+  summary = jaxkd.summarize([sums])
   logits = np.stack([
       np.asarray(model.apply(p, s, batch["image"], train=False)[0],
                  np.float64)

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import jaxkd
+from jaxkd import evaluation
 from jaxkd import losses
 from jaxkd import objective
 from jaxkd import sweep
@@ -379,7 +380,7 @@ def test_sweep_equals_separate_runs():
 def test_eval_step_matches_numpy():
   spec, _, state = kd_setup(2)
   batch = {**BATCHES[0], "mask": jnp.arange(32) < 30}
-  summary = train_step.summarize([train_step.make_eval_step(spec)(state,
+  summary = evaluation.summarize([evaluation.make_eval_step(spec)(state,
                                                                   batch)])
   logits = np.asarray(STUDENT.apply(state.params["student"],
                                     state.model_state["student"],
@@ -402,7 +403,7 @@ def test_evaluate_weighs_batches_by_what_they_count():
   # examples, not the mean of the two batch means.
   spec, _, state = kd_setup(2)
   batches = [BATCHES[0], {**BATCHES[1], "mask": jnp.arange(32) < 5}]
-  summary = train_step.evaluate(spec, state, batches)
+  summary = evaluation.evaluate(spec, state, batches)
   correct = []
   for batch, count in zip(batches, (32, 5)):
     logits = STUDENT.apply(state.params["student"],
@@ -411,10 +412,10 @@ def test_evaluate_weighs_batches_by_what_they_count():
     correct.append(np.argmax(np.asarray(logits), -1)[:count]
                    == np.asarray(batch["label"])[:count])
   assert summary["accuracy"] == pytest.approx(np.mean(np.concatenate(correct)))
-  assert summary == train_step.summarize(
-      [train_step.make_eval_step(spec)(state, b) for b in batches])
-  assert jaxkd.evaluate is train_step.evaluate
-  assert train_step.evaluate(spec, state, []) == {}
+  assert summary == evaluation.summarize(
+      [evaluation.make_eval_step(spec)(state, b) for b in batches])
+  assert jaxkd.evaluate is evaluation.evaluate
+  assert evaluation.evaluate(spec, state, []) == {}
 
 
 def test_errors_before_any_step():

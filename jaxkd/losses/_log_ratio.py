@@ -186,7 +186,6 @@ def _centered_gap_parts(log_p, d, mask, log_p_plus_d, axis):
   any_selected = total != 0  # nan stays selected
   total = jnp.where(any_selected, total, jnp.ones((), dtype))
   norm = jnp.log(total)
-  log_w = lp - norm
   d = jnp.where(mask, d, zero)
   mean = jnp.sum(w * d, axis=axis, keepdims=True) / total
   e = jnp.where(mask, d - mean, zero)
