@@ -21,9 +21,14 @@ def test_fused_loss_benchmark(tmp_path):
   (growth,) = results["memory_summary"]["growth_with_vocab"]
   # The fused program's scratch space is the same at both vocabularies; the
   # unfused one grows with V.
-  assert growth["fused_growth"] == 1.0
+  # (At this toy size, ~3 KiB, XLA's loop bookkeeping of a few bytes per
+  # tile shows; tests/test_lm_fused.py bounds the growth in bytes.)
+  assert 1.0 <= growth["fused_growth"] < 1.05
+  assert 1.0 <= growth["recompute_growth"] < 1.05
   assert growth["unfused_growth"] > 2.0
-  # The three programs compute the same loss.
+  # The four programs compute the same loss.
   values = [r["loss"] for r in data["speed"]["rows"]]
   assert max(values) - min(values) < 1e-5 * max(values)
   assert data["speed"]["fused_over_unfused"] > 0
+  assert data["speed"]["recompute_over_unfused"] > 0
+  assert "recompute / unfused" in markdown

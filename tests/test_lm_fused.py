@@ -27,7 +27,7 @@ from tests import helpers
 N, H_S, H_T, V = 13, 5, 7, 37
 CHUNKS = dict(token_chunk=4, vocab_chunk=8)
 STATIC = ("divergence", "teacher_reduction", "token_chunk", "vocab_chunk",
-          "reduction", "vocab_axis_name")
+          "reduction", "vocab_axis_name", "hidden_grad")
 FUSED = jax.jit(lm.fused_distillation_loss, static_argnames=STATIC)
 VALUE_AND_GRADS = jax.jit(
     jax.value_and_grad(lm.fused_distillation_loss, argnums=(0, 1, 2, 3)),
@@ -237,6 +237,29 @@ def test_two_teachers_match_reference(x64, rng, divergence, teacher_reduction):
       np, *args, mask=mask, **{**kwargs, "teacher_reduction": other})) > 1e-4
 
 
+@pytest.mark.parametrize(
+    "divergence, k", [("forward_kl", 1), ("jsd", 1), ("skew_kl", 2)]
+)
+def test_recomputed_hidden_grad_equals_the_accumulated_one(
+    x64, rng, divergence, k
+):
+  # Both backward routes against the float64 reference and each other, with
+  # a shifted last token chunk (N = 13, chunks of 4) and vocabulary tile.
+  args = make_inputs(rng, k=k)
+  mask = rng.random(N) > 0.25
+  kwargs = dict(config(divergence), mask=mask, **CHUNKS)
+  _, expected = reference_value_and_grads(
+      args, mask=mask, **config(divergence))
+  grads = {
+      how: VALUE_AND_GRADS(*args, hidden_grad=how, **kwargs)[1][:2]
+      for how in lm.HIDDEN_GRADS
+  }
+  for how in lm.HIDDEN_GRADS:
+    helpers.assert_close(grads[how], expected, rtol=1e-10, atol=1e-13)
+  helpers.assert_close(grads["recompute"], grads["accumulate"], rtol=1e-14,
+                       atol=1e-16)
+
+
 def test_one_stacked_teacher_is_one_teacher(x64, rng):
   hs, ws, ht, wt = make_inputs(rng)
   kwargs = dict(divergence="reverse_kl", **CHUNKS)
@@ -352,6 +375,10 @@ def test_bfloat16_inputs_accumulate_in_float32(rng):
   expected, expected_grads = reference_value_and_grads(args)
   helpers.assert_close(value, expected, rtol=1e-5)
   helpers.assert_close(grads[:2], expected_grads, rtol=1e-2, atol=1e-4)
+  # The recomputing backward pass sums the same float32 products.
+  recomputed = VALUE_AND_GRADS(*args, hidden_grad="recompute", **CHUNKS)[1]
+  assert recomputed[0].dtype == jnp.bfloat16
+  helpers.assert_close(recomputed[:2], grads[:2], rtol=1e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -381,8 +408,13 @@ def test_traced_bad_hyper_parameters_give_nan(rng):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_vocabulary_sharded_heads_under_shard_map(x64, rng, divergence):
+@pytest.mark.parametrize(
+    "divergence, hidden_grad", [("forward_kl", "accumulate"),
+                                ("jsd", "accumulate"), ("jsd", "recompute")]
+)
+def test_vocabulary_sharded_heads_under_shard_map(
+    x64, rng, divergence, hidden_grad
+):
   # V = 40 over 4 devices: 10 entries each, tiles of 4 (the last shifted).
   # Forward KL takes the one-pass route, JSD the two passes.
   args = make_inputs(rng, vocab=40)
@@ -394,7 +426,8 @@ def test_vocabulary_sharded_heads_under_shard_map(x64, rng, divergence):
   def sharded(hs, ws, ht, wt):
     return jax.shard_map(
         functools.partial(lm.fused_distillation_loss, vocab_axis_name="vocab",
-                          token_chunk=4, vocab_chunk=4, **kwargs),
+                          token_chunk=4, vocab_chunk=4,
+                          hidden_grad=hidden_grad, **kwargs),
         mesh=mesh, in_specs=(P(), P(None, "vocab"), P(), P(None, "vocab")),
         out_specs=P(),
     )(hs, ws, ht, wt)
@@ -413,8 +446,8 @@ def test_vocabulary_sharded_heads_under_shard_map(x64, rng, divergence):
 # ---------------------------------------------------------------------------
 
 
-def _temp_bytes(fn, shapes):
-  abstract = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+def _temp_bytes(fn, shapes, dtype=jnp.float32):
+  abstract = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
   compiled = jax.jit(fn).lower(*abstract).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -450,6 +483,32 @@ def test_temporary_memory_does_not_grow_with_vocab():
     assert temp[name, 8192] - temp[name, 1024] >= one_logits_growth, temp
 
 
+def test_recomputed_hidden_grad_needs_no_buffer_that_grows_with_tokens():
+  # bfloat16 inputs: the accumulated gradient is a float32 buffer apart from
+  # the bfloat16 output (for float32 inputs XLA accumulates in the output).
+  h, vocab, token_chunk, vocab_chunk = 64, 1024, 64, 128
+
+  def grad(hidden_grad):
+    return jax.grad(functools.partial(
+        lm.fused_distillation_loss, token_chunk=token_chunk,
+        vocab_chunk=vocab_chunk, hidden_grad=hidden_grad), argnums=(0, 1))
+
+  temp = {
+      (how, n): _temp_bytes(grad(how), [(n, h), (h, vocab), (n, h), (h, vocab)],
+                            jnp.bfloat16)
+      for how in lm.HIDDEN_GRADS for n in (256, 2048)
+  }
+  accumulator_growth = (2048 - 256) * h * 4  # The float32 [N, H] buffer.
+  assert (temp["accumulate", 2048] - temp["accumulate", 256]
+          >= accumulator_growth), temp
+  # Per-token floats (two log-sum-exps, the slope sum, the per-token loss)
+  # and a few bytes of bookkeeping aside, nothing grows.
+  per_token_stats = (2048 - 256) * 4 * 4
+  assert (temp["recompute", 2048] - temp["recompute", 256]
+          <= per_token_stats + 4096), temp
+  assert temp["recompute", 2048] < temp["accumulate", 2048] / 2, temp
+
+
 # ---------------------------------------------------------------------------
 # Errors.
 # ---------------------------------------------------------------------------
@@ -458,6 +517,8 @@ def test_temporary_memory_does_not_grow_with_vocab():
 def test_errors(rng):
   hs, ws, ht, wt = make_inputs(rng, dtype=np.float32)
   loss = lm.fused_distillation_loss
+  with pytest.raises(ValueError, match="`hidden_grad`"):
+    loss(hs, ws, ht, wt, hidden_grad="two_sweeps")
   with pytest.raises(ValueError, match="`student_head` of shape"):
     loss(hs, ws[:-1], ht, wt)
   with pytest.raises(ValueError, match="`teacher_head` of shape"):

@@ -23,6 +23,7 @@ of jaxkd, only ``jaxkd.losses`` (its argument checks,
 from jaxkd.lm._cache import TeacherCache as TeacherCache
 from jaxkd.lm._cache import TeacherCacheWriter as TeacherCacheWriter
 from jaxkd.lm._fused import DIVERGENCES as DIVERGENCES
+from jaxkd.lm._fused import HIDDEN_GRADS as HIDDEN_GRADS
 from jaxkd.lm._fused import fused_distillation_loss as fused_distillation_loss
 from jaxkd.lm._sampling import sample as sample
 from jaxkd.lm._sampling import top_k_filter as top_k_filter
@@ -37,6 +38,7 @@ from jaxkd.lm._tokens import top_k_log_probs as top_k_log_probs
 
 __all__ = [
     "DIVERGENCES",
+    "HIDDEN_GRADS",
     "TeacherCache",
     "TeacherCacheWriter",
     "fused_distillation_loss",

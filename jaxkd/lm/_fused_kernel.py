@@ -1,7 +1,8 @@
-r"""The computation of the fused loss: token chunks, vocabulary tiles, VJP.
+r"""The forward computation of the fused loss: token chunks, vocabulary tiles.
 
 :func:`jaxkd.lm.fused_distillation_loss` checks its arguments and calls
-:func:`fused` here, which never builds an ``[N, V]`` array.
+:func:`jaxkd.lm._fused_vjp.fused`, whose forward pass is :func:`forward`
+here; none of it builds an ``[N, V]`` array.
 
 How it computes, for each chunk of ``token_chunk`` tokens:
 
@@ -15,24 +16,9 @@ How it computes, for each chunk of ``token_chunk`` tokens:
    log-probabilities ``s - lse`` and accumulates the divergence's sum over
    the vocabulary.
 
-The backward pass (a ``jax.custom_vjp``) recomputes every tile's logits a
-third time instead of storing them. Every divergence here is a sum over the
-vocabulary of an elementwise term :math:`f(\log p^S_v, \log p^T_v)`, so with
-:math:`u_v = \partial f / \partial \log p^S_v` the gradient with respect to
-the student's scaled logits is
-
-.. math::
-  \frac{\partial D}{\partial s_v} = u_v - p^S_v \sum_w u_w .
-
-Pass 2 of the forward pass also accumulates :math:`\sum_w u_w` per token (one
-float per token is kept for the backward pass, with the two log-sum-exps);
-the backward pass then needs one sweep over (vocabulary tile, token chunk)
-pairs. Its outer loop runs over the vocabulary tiles, so that each tile of
-the head's gradient, ``hidden^T @ dz`` summed over the token chunks in
-float32, is complete when its inner loop ends and is written once, in the
-head's dtype, into the gradient (XLA keeps that in the output buffer: no
-float32 ``[H, V]`` accumulator); ``dz @ head_tile^T`` adds into the hidden
-states' gradient, ``[N, H]``, over the tiles.
+The backward pass (a ``jax.custom_vjp``) is in :mod:`jaxkd.lm._fused_vjp`;
+pass 2 also accumulates, per token, the one number it needs besides the
+two log-sum-exps (see there).
 
 Forward and reverse KL of one teacher (or a weighted mean over teachers)
 need no second pass: :math:`\mathrm{KL}(p^x \| p^y) = E_{p^x}[x - y]
@@ -50,7 +36,6 @@ ever made.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Hashable, NamedTuple
 
 import jax
@@ -70,6 +55,7 @@ class Static(NamedTuple):
   vocab_chunk: int
   soft_cap: bool
   axis_name: Hashable | None
+  hidden_grad: str = "accumulate"
 
 
 class Params(NamedTuple):
@@ -88,7 +74,7 @@ class Params(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
-def _scaled(z: Array, st: Static, prm: Params) -> tuple[Array, Array]:
+def scaled(z: Array, st: Static, prm: Params) -> tuple[Array, Array]:
   """``(s, ds/dz)`` with ``s = cap * tanh(z / cap) * scale / T``."""
   if st.soft_cap:
     squashed = jnp.tanh(z / prm.soft_cap)
@@ -130,7 +116,7 @@ def _term(divergence: str, log_ps: Array, log_pt: Array, prm: Params):
   raise ValueError(f"Unknown divergence {divergence!r}.")  # Checked on entry.
 
 
-def _term_and_slope(
+def term_and_slope(
     st: Static, log_ps: Array, log_pt: Array, prm: Params
 ) -> tuple[Array, Array]:
   """The term ``f`` and ``u = df / dlog p_S`` over a tile.
@@ -165,7 +151,7 @@ def _term_and_slope(
 # ---------------------------------------------------------------------------
 
 
-def _window(i: Array, size: int, total: int) -> tuple[Array, Array]:
+def window(i: Array, size: int, total: int) -> tuple[Array, Array]:
   """Start of chunk ``i`` of ``size`` in ``[0, total)`` and its fresh entries.
 
   The last chunk is shifted back to end at ``total`` instead of being padded;
@@ -177,7 +163,7 @@ def _window(i: Array, size: int, total: int) -> tuple[Array, Array]:
 
 
 def _unchunk(stacked: Array, total: int) -> Array:
-  """``[n, size, ...]`` per-chunk rows back to ``[total, ...]`` (see _window)."""
+  """``[n, size, ...]`` per-chunk rows back to ``[total, ...]`` (see window)."""
   n, size = stacked.shape[:2]
   rows = stacked.reshape((n * size,) + stacked.shape[2:])
   if n * size == total:
@@ -188,27 +174,27 @@ def _unchunk(stacked: Array, total: int) -> Array:
   )
 
 
-def _matmul(a: Array, b: Array, dims, dtype) -> Array:
+def matmul(a: Array, b: Array, dims, dtype) -> Array:
   """``dot_general`` accumulating in ``dtype`` (float32 for 16-bit inputs)."""
   if a.dtype != b.dtype:
     a, b = a.astype(dtype), b.astype(dtype)
   return lax.dot_general(a, b, dims, preferred_element_type=dtype)
 
 
-def _like(x: Array, other: Array) -> Array:
+def like(x: Array, other: Array) -> Array:
   """``x`` in ``other``'s dtype if that is a 16-bit float, else unchanged."""
   if jnp.dtype(other.dtype).itemsize < 4:
     return x.astype(other.dtype)
   return x
 
 
-_ROWS_BY_COLS = (((1,), (0,)), ((), ()))  # [n, h] x [h, v] -> [n, v]
-_TEACHERS = (((2,), (1,)), ((0,), (0,)))  # [k, n, h] x [k, h, v] -> [k, n, v]
-_BY_COLS_T = (((1,), (1,)), ((), ()))  # [n, v] x [h, v] -> [n, h]
-_T_BY_ROWS = (((0,), (0,)), ((), ()))  # [n, h] x [n, v] -> [h, v]
+ROWS_BY_COLS = (((1,), (0,)), ((), ()))  # [n, h] x [h, v] -> [n, v]
+TEACHERS = (((2,), (1,)), ((0,), (0,)))  # [k, n, h] x [k, h, v] -> [k, n, v]
+BY_COLS_T = (((1,), (1,)), ((), ()))  # [n, v] x [h, v] -> [n, h]
+T_BY_ROWS = (((0,), (0,)), ((), ()))  # [n, h] x [n, v] -> [h, v]
 
 
-class _Sizes(NamedTuple):
+class Sizes(NamedTuple):
   tokens: int
   vocab: int
   token_chunk: int
@@ -217,29 +203,29 @@ class _Sizes(NamedTuple):
   tiles: int
 
 
-def _sizes(st: Static, hs: Array, ws: Array) -> _Sizes:
+def sizes(st: Static, hs: Array, ws: Array) -> Sizes:
   tokens, vocab = hs.shape[0], ws.shape[1]
   tc, vc = min(st.token_chunk, tokens), min(st.vocab_chunk, vocab)
-  return _Sizes(tokens, vocab, tc, vc, -(-tokens // tc), -(-vocab // vc))
+  return Sizes(tokens, vocab, tc, vc, -(-tokens // tc), -(-vocab // vc))
 
 
-def _tile_heads(j, ws, wt, sz: _Sizes):
+def tile_heads(j, ws, wt, sz: Sizes):
   """Vocabulary tile ``j`` of the heads, its start and its fresh columns."""
-  start, fresh = _window(j, sz.vocab_chunk, sz.vocab)
+  start, fresh = window(j, sz.vocab_chunk, sz.vocab)
   ws_j = lax.dynamic_slice_in_dim(ws, start, sz.vocab_chunk, axis=1)
   wt_j = lax.dynamic_slice_in_dim(wt, start, sz.vocab_chunk, axis=2)
   return start, fresh, ws_j, wt_j
 
 
-def _tile_logits(j, hs_c, ht_c, ws, wt, sz: _Sizes, dtype):
+def _tile_logits(j, hs_c, ht_c, ws, wt, sz: Sizes, dtype):
   """Raw logits of vocabulary tile ``j``: student ``[tc, vc]``, teachers."""
-  _, fresh, ws_j, wt_j = _tile_heads(j, ws, wt, sz)
-  zs = _matmul(hs_c, ws_j, _ROWS_BY_COLS, dtype)
-  zt = _matmul(ht_c, wt_j, _TEACHERS, dtype)
+  _, fresh, ws_j, wt_j = tile_heads(j, ws, wt, sz)
+  zs = matmul(hs_c, ws_j, ROWS_BY_COLS, dtype)
+  zt = matmul(ht_c, wt_j, TEACHERS, dtype)
   return fresh, zs, zt
 
 
-def _varying(x: Array, st: Static) -> Array:
+def varying(x: Array, st: Static) -> Array:
   """Marks a loop's initial carry as varying over the vocabulary axis.
 
   Under ``shard_map`` a carry that accumulates per-shard values must be
@@ -309,8 +295,8 @@ def _kl_chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype):
   def step(carry, j):
     m_s, l_s, m_t, l_t, a = carry
     fresh, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
-    s = jnp.where(fresh[None, :], _scaled(zs, st, prm)[0], minus_inf)
-    t = jnp.where(fresh[None, None, :], _scaled(zt, st, prm)[0], minus_inf)
+    s = jnp.where(fresh[None, :], scaled(zs, st, prm)[0], minus_inf)
+    t = jnp.where(fresh[None, None, :], scaled(zt, st, prm)[0], minus_inf)
     new_m_s, l_s = rescaled(m_s, l_s, s)
     new_m_t, l_t = rescaled(m_t, l_t, t)
     # Shared (stale) columns hold -inf on both sides: their difference is
@@ -332,7 +318,7 @@ def _kl_chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype):
       jnp.zeros((k, tc), dtype),
   )
   (m_s, l_s, m_t, l_t, a), _ = lax.scan(
-      step, _varying(init, st), jnp.arange(sz.tiles, dtype=jnp.int32)
+      step, varying(init, st), jnp.arange(sz.tiles, dtype=jnp.int32)
   )
   if st.axis_name is not None:
     # Devices' partial sums, brought to the common maximum, add up.
@@ -365,12 +351,12 @@ def _chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype, with_slope):
   def lse_step(carry, j):
     lse_s, lse_t = carry
     fresh, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
-    s = jnp.where(fresh[None, :], _scaled(zs, st, prm)[0], minus_inf)
-    t = jnp.where(fresh[None, None, :], _scaled(zt, st, prm)[0], minus_inf)
+    s = jnp.where(fresh[None, :], scaled(zs, st, prm)[0], minus_inf)
+    t = jnp.where(fresh[None, None, :], scaled(zt, st, prm)[0], minus_inf)
     return (_add_logsumexp(lse_s, s), _add_logsumexp(lse_t, t)), None
 
   init = (jnp.full((tc,), -jnp.inf, dtype), jnp.full((k, tc), -jnp.inf, dtype))
-  (lse_s, lse_t), _ = lax.scan(lse_step, _varying(init, st), tiles)
+  (lse_s, lse_t), _ = lax.scan(lse_step, varying(init, st), tiles)
   if st.axis_name is not None:
     lse_s = _all_logsumexp(lse_s, st.axis_name)
     lse_t = _all_logsumexp(lse_t, st.axis_name)
@@ -380,29 +366,29 @@ def _chunk_statistics(st, prm, hs_c, ht_c, ws, wt, sz, dtype, with_slope):
   def divergence_step(carry, j):
     total, slope = carry
     fresh, zs, zt = _tile_logits(j, hs_c, ht_c, ws, wt, sz, dtype)
-    log_ps = _scaled(zs, st, prm)[0] - lse_s[:, None]
-    log_pt = _scaled(zt, st, prm)[0] - lse_t[..., None]
-    f, u = _term_and_slope(st, log_ps, log_pt, prm)
+    log_ps = scaled(zs, st, prm)[0] - lse_s[:, None]
+    log_pt = scaled(zt, st, prm)[0] - lse_t[..., None]
+    f, u = term_and_slope(st, log_ps, log_pt, prm)
     total = total + jnp.sum(jnp.where(fresh[None, :], f, zero), axis=-1)
     if with_slope:
       slope = slope + jnp.sum(jnp.where(fresh[None, :], u, zero), axis=-1)
     return (total, slope), None
 
   init = (jnp.zeros((tc,), dtype), jnp.zeros((tc,), dtype))
-  (total, slope), _ = lax.scan(divergence_step, _varying(init, st), tiles)
+  (total, slope), _ = lax.scan(divergence_step, varying(init, st), tiles)
   if st.axis_name is not None:
     total = lax.psum(total, st.axis_name)
     slope = lax.psum(slope, st.axis_name) if with_slope else slope
   return total, (lse_s, jnp.moveaxis(lse_t, 0, 1), slope)
 
 
-def _forward(st, hs, ws, ht, wt, prm, with_slope):
+def forward(st, hs, ws, ht, wt, prm, with_slope):
   """Per-token divergences ``[N]`` and, if asked, the residual statistics."""
   dtype = prm.factor.dtype
-  sz = _sizes(st, hs, ws)
+  sz = sizes(st, hs, ws)
 
   def chunk_step(_, i):
-    row0, _ = _window(i, sz.token_chunk, sz.tokens)
+    row0, _ = window(i, sz.token_chunk, sz.tokens)
     hs_c = lax.dynamic_slice_in_dim(hs, row0, sz.token_chunk, axis=0)
     ht_c = lax.dynamic_slice_in_dim(ht, row0, sz.token_chunk, axis=1)
     out = _chunk_statistics(
@@ -412,88 +398,3 @@ def _forward(st, hs, ws, ht, wt, prm, with_slope):
 
   _, out = lax.scan(chunk_step, None, jnp.arange(sz.chunks, dtype=jnp.int32))
   return jax.tree.map(lambda x: _unchunk(x, sz.tokens), out)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused(st, hs, ws, ht, wt, prm):
-  """Per-token divergence ``[N]``; teachers get a zero gradient."""
-  return _forward(st, hs, ws, ht, wt, prm, with_slope=False)
-
-
-def _fused_fwd(st, hs, ws, ht, wt, prm):
-  per_token, stats = _forward(st, hs, ws, ht, wt, prm, with_slope=True)
-  return per_token, (hs, ws, ht, wt, prm, stats)
-
-
-def _fused_bwd(st, residuals, cotangent):
-  # Vocabulary tiles are the outer loop here (token chunks the outer one in
-  # the forward pass): each tile of the head's gradient is complete after
-  # its inner loop and is written once, in the head's dtype, into the
-  # gradient (which XLA keeps in the output buffer), so no float32 [H, V]
-  # accumulator exists even for a bfloat16 head. The hidden states'
-  # gradient, [N, H], accumulates over the tiles.
-  hs, ws, ht, wt, prm, (lse_s, lse_t, slope) = residuals
-  dtype = prm.factor.dtype
-  sz = _sizes(st, hs, ws)
-  lse_t = jnp.moveaxis(lse_t, 1, 0)  # [K, N].
-  cotangent = cotangent.astype(dtype)
-  zero = jnp.zeros((), dtype)
-
-  def tile_step(carry, j):
-    dh, dws = carry
-    start, fresh, ws_j, wt_j = _tile_heads(j, ws, wt, sz)
-
-    def chunk_step(carry, i):
-      dh, dws_j = carry
-      row0, fresh_rows = _window(i, sz.token_chunk, sz.tokens)
-
-      def rows(x, axis=0):
-        return lax.dynamic_slice_in_dim(x, row0, sz.token_chunk, axis=axis)
-
-      hs_c, ht_c = rows(hs), rows(ht, axis=1)
-      # Rows shared with the chunk before were counted there: no cotangent.
-      g_c = jnp.where(fresh_rows, rows(cotangent), zero)
-      zs = _matmul(hs_c, ws_j, _ROWS_BY_COLS, dtype)
-      zt = _matmul(ht_c, wt_j, _TEACHERS, dtype)
-      s, ds_dz = _scaled(zs, st, prm)
-      log_ps = s - rows(lse_s)[:, None]
-      log_pt = _scaled(zt, st, prm)[0] - rows(lse_t, axis=1)[..., None]
-      _, u = _term_and_slope(st, log_ps, log_pt, prm)
-      grad_s = g_c[:, None] * (u - jnp.exp(log_ps) * rows(slope)[:, None])
-      dz = jnp.where(fresh[None, :], grad_s * ds_dz, zero)
-      # With 16-bit weights (hidden states), dz is rounded to their dtype
-      # and multiplied with float32 accumulation, as in the forward pass: no
-      # float32 copy of the head's tile (of the hidden chunk) is made.
-      dh_c = rows(dh) + _matmul(_like(dz, ws_j), ws_j, _BY_COLS_T, dtype)
-      dh = lax.dynamic_update_slice_in_dim(dh, dh_c, row0, axis=0)
-      dws_j = dws_j + _matmul(hs_c, _like(dz, hs_c), _T_BY_ROWS, dtype)
-      return (dh, dws_j), None
-
-    dws_j = _varying(jnp.zeros(ws_j.shape, dtype), st)
-    (dh, dws_j), _ = lax.scan(
-        chunk_step, (dh, dws_j), jnp.arange(sz.chunks, dtype=jnp.int32)
-    )
-    # The last tile's columns shared with the tile before keep that tile's
-    # gradient (here they hold zeros: dz was masked there).
-    previous = lax.dynamic_slice_in_dim(dws, start, sz.vocab_chunk, axis=1)
-    dws_j = jnp.where(fresh[None, :], dws_j.astype(dws.dtype), previous)
-    dws = lax.dynamic_update_slice_in_dim(dws, dws_j, start, axis=1)
-    return (dh, dws), None
-
-  init = (jnp.zeros(hs.shape, dtype), jnp.zeros(ws.shape, ws.dtype))
-  (dh, dws), _ = lax.scan(
-      tile_step, _varying(init, st), jnp.arange(sz.tiles, dtype=jnp.int32)
-  )
-  if st.axis_name is not None:
-    dh = lax.psum(dh, st.axis_name)
-  return (
-      dh.astype(hs.dtype),
-      dws,
-      jnp.zeros_like(ht),
-      jnp.zeros_like(wt),
-      jax.tree.map(jnp.zeros_like, prm),
-  )
-
-
-fused.defvjp(_fused_fwd, _fused_bwd)
-

@@ -278,7 +278,8 @@ class FusedDivergenceTerm(TokenTerm):
   scores ``divergence`` (any of :data:`jaxkd.lm.DIVERGENCES`: ``"skew_kl"``
   with skew ``alpha``, ``"jsd"`` with ``beta``, ...) in token chunks and
   vocabulary tiles. Several teachers: ``teacher_reduction`` ``"mixture"``
-  or ``"mean"``.
+  or ``"mean"``. ``hidden_grad="recompute"`` trades a third more matrix
+  products of the loss's gradient for no ``[N, H]`` float32 buffer.
   """
 
   divergence: str = "forward_kl"
@@ -287,7 +288,8 @@ class FusedDivergenceTerm(TokenTerm):
   beta: float = 0.5
   teacher_reduction: str = "mixture"
   token_chunk: int = 512
-  vocab_chunk: int = 4096
+  vocab_chunk: int = 512
+  hidden_grad: str = "accumulate"
   hidden: str = "final_hidden"
   name: str = "fused_kd"
 
@@ -296,6 +298,7 @@ class FusedDivergenceTerm(TokenTerm):
     _check_choice(self.name, "divergence", self.divergence, lm.DIVERGENCES)
     _check_choice(self.name, "teacher_reduction", self.teacher_reduction,
                   TEACHER_REDUCTIONS)
+    _check_choice(self.name, "hidden_grad", self.hidden_grad, lm.HIDDEN_GRADS)
 
   def hyperparameters(self):
     return {
@@ -324,7 +327,7 @@ class FusedDivergenceTerm(TokenTerm):
         temperature=self.temperature, alpha=self.alpha, beta=self.beta,
         teacher_reduction=self.teacher_reduction,
         token_chunk=self.token_chunk, vocab_chunk=self.vocab_chunk,
-        reduction="none",
+        hidden_grad=self.hidden_grad, reduction="none",
     )
     return values, state
 
