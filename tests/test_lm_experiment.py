@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import grain
 import numpy as np
 import pytest
 
@@ -58,6 +59,28 @@ def test_the_test_split_never_reaches_training(tmp_path):
   assert result["rows"][0]["test_bpb"][0] > 7.0
   with pytest.raises(ValueError, match="runlocal"):
     runner.run(config, tmp_path, publish=True, splits=poisoned)
+
+
+def test_train_batches_are_a_grain_dataset_of_the_seeded_windows():
+  splits = dataclasses.replace(
+      data_lib.load(seed=0, max_train_bytes=5_000),
+      train=np.arange(1000, dtype=np.uint16) % 251)
+  batches = splits.train_batches(seed=7, steps=4, batch_size=3, length=5)
+  assert isinstance(batches, grain.MapDataset) and len(batches) == 4
+  # Reference: one generator, B starts per batch, drawn batch after batch.
+  rng = np.random.default_rng(7)
+  for i in range(4):
+    starts = rng.integers(0, 1000 - 5, size=3)
+    expected = np.stack([splits.train[s:s + 5] for s in starts])
+    np.testing.assert_array_equal(batches[i]["tokens"], expected)
+    assert batches[i]["tokens"].dtype == np.int32
+  # Random access: batch 2 read first is batch 2.
+  again = splits.train_batches(seed=7, steps=4, batch_size=3, length=5)
+  np.testing.assert_array_equal(again[2]["tokens"], batches[2]["tokens"])
+  with pytest.raises(ValueError, match="`steps`"):
+    splits.train_batches(seed=7, steps=0, batch_size=3, length=5)
+  with pytest.raises(ValueError, match="`length`"):
+    splits.train_batches(seed=7, steps=1, batch_size=3, length=1000)
 
 
 def test_files_split_by_file_deterministically_and_fingerprinted(tmp_path):

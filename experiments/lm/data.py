@@ -8,8 +8,9 @@ to know exactly which bytes were used: the Python version, the number of
 files and a sha256 of the sorted ``path<TAB>size`` lines.
 
 Each split is one byte stream (the files joined by a newline). Training
-batches are windows at random offsets of the *train* stream only
-(:meth:`Splits.train_batch`); evaluation windows are evenly spaced,
+batches are windows at random offsets of the *train* stream only, served as
+a ``grain.MapDataset`` of batches (:meth:`Splits.train_batches`: random
+access, so a run can resume at any step); evaluation windows are evenly spaced,
 non-overlapping windows of the validation or test stream
 (:meth:`Splits.eval_windows`).
 """
@@ -23,6 +24,7 @@ import platform
 import sysconfig
 from typing import Sequence
 
+import grain
 import numpy as np
 
 __all__ = ["Splits", "fingerprint", "list_files", "load", "split_files"]
@@ -96,12 +98,32 @@ class Splits:
   files: dict[str, list[str]]
   info: dict
 
-  def train_batch(self, rng: np.random.Generator, batch_size: int,
-                  length: int) -> dict[str, np.ndarray]:
-    """``{"tokens": [B, L] int32}`` windows at random train offsets."""
-    starts = rng.integers(0, self.train.size - length, size=batch_size)
-    tokens = np.stack([self.train[s:s + length] for s in starts])
-    return {"tokens": tokens.astype(np.int32)}
+  def train_batches(self, *, seed: int, steps: int, batch_size: int,
+                    length: int) -> grain.MapDataset:
+    """Batch ``i`` of training: ``{"tokens": [B, L] int32}`` train windows.
+
+    The windows' starts are drawn up front, batch after batch, from
+    ``np.random.default_rng(seed)`` (``B`` integers in
+    ``[0, train.size - L)`` per batch), so batch ``i`` does not depend on
+    which batches were read before it; the dataset holds ``steps`` batches.
+    """
+    if steps < 1:
+      raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    high = self.train.size - length
+    if high < 1:
+      raise ValueError(
+          f"The train split holds {self.train.size} bytes, fewer than"
+          f" `length` + 1 = {length + 1}.")
+    rng = np.random.default_rng(seed)
+    starts = np.stack(
+        [rng.integers(0, high, size=batch_size) for _ in range(steps)])
+    offsets = np.arange(length)
+    stream = self.train
+
+    def batch(i: int) -> dict[str, np.ndarray]:
+      return {"tokens": stream[starts[i][:, None] + offsets].astype(np.int32)}
+
+    return grain.MapDataset.range(steps).map(batch)
 
   def eval_windows(self, split: str, count: int,
                    length: int) -> np.ndarray:

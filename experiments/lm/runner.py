@@ -117,8 +117,10 @@ def train(plan: Plan, *, steps: int, seed: int, splits: data_lib.Splits,
           step_fn=None) -> tuple[Any, dict]:
   """Trains one model; returns the state and its record."""
   distillation = plan.distillation
-  rng = np.random.default_rng(10_000 + seed)
-  sample = splits.train_batch(rng, config.batch_size, config.seq_len)
+  batches = splits.train_batches(
+      seed=10_000 + seed, steps=max(steps, 1), batch_size=config.batch_size,
+      length=config.seq_len)
+  sample = batches[0]
   key = jax.random.key(seed)
   init_key, data_key = jax.random.split(key)
   probe = dict(sample) if plan.prepare is None else plan.prepare(
@@ -128,10 +130,8 @@ def train(plan: Plan, *, steps: int, seed: int, splits: data_lib.Splits,
       plan.teacher_variables, None)
   step_fn = step_fn or jaxkd.make_train_step(distillation)
   curve, train_time, tokens = [], 0.0, 0
-  batch = sample
   for i in range(steps):
-    if i > 0:
-      batch = splits.train_batch(rng, config.batch_size, config.seq_len)
+    batch = batches[i]
     if on_train_batch is not None:
       on_train_batch(batch)
     started = time.perf_counter()
