@@ -50,3 +50,28 @@ def cache_teacher_outputs(
     )
   values, indices = jax.lax.top_k(logits, top_k)
   return {"teacher_topk_logits": values, "teacher_topk_indices": indices}
+
+
+def has_cached_teacher(batch) -> bool:
+  """Whether the batch carries cached teacher logits (full or top-k)."""
+  return "teacher_logits" in batch or "teacher_topk_logits" in batch
+
+
+def cached_teacher_logits(batch, num_classes: int) -> jax.Array | None:
+  """The batch's cached teacher logits ``[K, B, C]`` (``None`` if none).
+
+  ``"teacher_logits"`` ``[B, C]`` gets a teacher axis of 1; top-k entries
+  are expanded by :func:`expand_top_k`. The logits come out under
+  ``stop_gradient``.
+  """
+  if "teacher_logits" in batch:
+    logits = jnp.asarray(batch["teacher_logits"])
+    if logits.ndim == 2:
+      logits = logits[None]
+  elif "teacher_topk_logits" in batch:
+    logits = expand_top_k(
+        batch["teacher_topk_logits"], batch["teacher_topk_indices"],
+        num_classes)
+  else:
+    return None
+  return jax.lax.stop_gradient(logits)

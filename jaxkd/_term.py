@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxkd._hyper import Hyper
 from jaxkd._hyper import ScheduleOrValue
 from jaxkd._hyper import check_hyperparameter
+from jaxkd._hyper import is_valid
 from jaxkd._hyper import resolve
 
 PyTree = Any
@@ -91,6 +92,21 @@ class Term:
     (finite, ``> 0``). Subclasses with more add theirs to the base's.
     """
     return {"weight": (self.weight, "weight")}
+
+  def invalid_hyperparameters(
+      self, outputs: StepOutputs
+  ) -> dict[str, jax.Array]:
+    """``{name: flag}``: which (traced) hyper-parameters are unusable now.
+
+    Constants and schedules were checked when the term was built; a
+    :class:`Hyper` or traced value is checked here, at every step (the
+    engine then makes the loss NaN and names the failure in its metrics).
+    """
+    return {
+        name: jnp.logical_not(is_valid(outputs.resolve(given), kind))
+        for name, (given, kind) in self.hyperparameters().items()
+        if given is not None
+    }
 
   def evaluation_sums(
       self, outputs: StepOutputs, weights: jax.Array

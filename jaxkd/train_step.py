@@ -41,15 +41,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxkd import batch_checks
+from jaxkd import _step
 from jaxkd import objective as objective_lib
 from jaxkd import teachers as teachers_lib
 from jaxkd.models import Model
 from jaxkd import state as state_lib
-from jaxkd._metrics import prediction_metrics
-from jaxkd._metrics import token_prediction_metrics
 from jaxkd._offline import cache_teacher_outputs
+from jaxkd._offline import cached_teacher_logits
 from jaxkd._offline import expand_top_k
+from jaxkd._offline import has_cached_teacher
 from jaxkd._views import Views
 from jaxkd._views import make_views
 from jaxkd.state import DistillState
@@ -68,8 +68,6 @@ PyTree = Any
 Batch = Mapping[str, jax.Array]
 
 NONFINITE_POLICIES = ("skip", "apply")
-# Cached per-token entries of token batches: batch axis 0 (not a teacher axis).
-_TOKEN_CACHE_KEYS = ("teacher_topk_log_probs", "teacher_topk_indices")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -169,19 +167,8 @@ class Distillation:
       num_classes: int,
   ) -> tuple[jax.Array | None, Mapping[str, jax.Array]]:
     """Teacher logits ``[K, B, C]`` and features, cached or computed."""
-    if "teacher_logits" in batch:
-      logits = jnp.asarray(batch["teacher_logits"])
-      if logits.ndim == 2:
-        logits = logits[None]
-      return jax.lax.stop_gradient(logits), {}
-    if "teacher_topk_logits" in batch:
-      return jax.lax.stop_gradient(
-          expand_top_k(
-              batch["teacher_topk_logits"],
-              batch["teacher_topk_indices"],
-              num_classes,
-          )
-      ), {}
+    if has_cached_teacher(batch):
+      return cached_teacher_logits(batch, num_classes), {}
     if not self.teachers:
       return None, {}
     run = lambda variables, x: teachers_lib.apply_teacher_groups(
@@ -275,16 +262,11 @@ class Distillation:
       weight = outputs.resolve(term.weight)
       total = total + weight * value
       metrics[f"loss/{term.name}"] = value
-      # Traced weights and temperatures (schedules, Hyper values) are checked
-      # here: an invalid one is named in the metrics and makes the loss NaN.
-      for name, (given, kind) in term.hyperparameters().items():
-        if given is None:
-          continue
-        ok = objective_lib.is_valid(outputs.resolve(given), kind)
-        metrics[f"invalid/{term.name}.{name}"] = jnp.logical_not(ok).astype(
-            jnp.int32
-        )
-        valid = valid & ok
+      # An invalid traced weight or temperature is named in the metrics and
+      # makes the loss NaN.
+      for name, invalid in term.invalid_hyperparameters(outputs).items():
+        metrics[f"invalid/{term.name}.{name}"] = invalid.astype(jnp.int32)
+        valid = valid & jnp.logical_not(invalid)
     total = jnp.where(valid, total, jnp.nan)
     new_model_state = {
         **state.model_state,
@@ -325,7 +307,7 @@ class Distillation:
           f"Got {len(teacher_variables)} teacher variable sets for"
           f" {len(self.teachers)} teacher groups."
       )
-    if self.needs_teachers and not self.teachers and not _has_cached_teacher(
+    if self.needs_teachers and not self.teachers and not has_cached_teacher(
         sample_batch
     ):
       raise ValueError(
@@ -396,156 +378,19 @@ class Distillation:
           f" {self.student.name!r} produces {student_classes}."
       )
 
-  # -- The step ------------------------------------------------------------
+  # -- The step (jaxkd._step) ---------------------------------------------
 
   def _grads(self, state, batch, key):
-    """Loss, gradients and auxiliaries, accumulated over micro-batches."""
-    steps = int(self.accumulation_steps)
-    # Token terms divide by the whole batch's count (taken before the split):
-    # every micro-batch's value is steps * sum_m / count, so the mean over
-    # micro-batches (below) is sum / count, exactly the unaccumulated loss.
-    normalizers = (
-        self.token_normalizers(batch, steps) if steps > 1 else None
-    )
-    grad_fn = jax.value_and_grad(
-        lambda p, s, b, k: self.objective_value(
-            p, s, b, key=k, normalizers=normalizers
-        ),
-        has_aux=True,
-    )
-    if steps == 1:
-      (loss, (model_state, metrics, outputs)), grads = grad_fn(
-          state.params, state, batch, key
-      )
-      metrics = {**metrics, **self._prediction_metrics(outputs)}
-      return loss, grads, model_state, metrics, outputs
-
-    def split(name, x):
-      # Micro-batch i takes examples i, i + steps, i + 2 steps, ...: with the
-      # batch sharded over devices, every device keeps its own examples and
-      # no example moves between devices.
-      x = jnp.asarray(x)
-      stacked = name.startswith("teacher_") and not (
-          name in _TOKEN_CACHE_KEYS and "teacher_topk_log_probs" in batch
-      )
-      batch_axis = 1 if stacked and x.ndim >= 3 else 0
-      if stacked and x.ndim == 2:
-        x = x[None]
-        batch_axis = 1
-      size = x.shape[batch_axis]
-      if size % steps:
-        raise ValueError(
-            f"The batch size {size} is not divisible by"
-            f" `accumulation_steps`={steps}."
-        )
-      shape = x.shape[:batch_axis] + (size // steps, steps) + x.shape[
-          batch_axis + 1 :
-      ]
-      return jnp.moveaxis(x.reshape(shape), batch_axis + 1, 0)
-
-    micro = {k: split(k, v) for k, v in batch.items()}
-
-    def body(carry, inputs):
-      model_state, grad_sum, loss_sum = carry
-      micro_batch, micro_key = inputs
-      micro_state = state.replace(model_state=model_state)
-      (loss, (model_state, metrics, outputs)), grads = grad_fn(
-          state.params, micro_state, micro_batch, micro_key
-      )
-      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-      metrics = {**metrics, **self._prediction_metrics(outputs)}
-      return (model_state, grad_sum, loss_sum + loss), (metrics, outputs)
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (model_state, grad_sum, loss_sum), (metrics, outputs) = jax.lax.scan(
-        body,
-        (state.model_state, zeros, jnp.zeros((), jnp.float32)),
-        (micro, jax.random.split(key, steps)),
-    )
-    grads = jax.tree.map(lambda g: g / steps, grad_sum)
-    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-    # Terms' update hooks see the last micro-batch.
-    outputs = jax.tree.map(lambda o: o[-1], outputs)
-    return loss_sum / steps, grads, model_state, metrics, outputs
+    return _step.loss_and_grads(self, state, batch, key)
 
   def _train_step(self, state: DistillState, batch: Batch):
-    key = jax.random.fold_in(
-        jax.random.wrap_key_data(state.rng), state.step
-    )
-    loss, grads, model_state, metrics, outputs = self._grads(
-        state, batch, key
-    )
-    # Optax's adam family mixes dtypes in its bias correction; standard
-    # promotion is scoped to the update alone.
-    with jax.numpy_dtype_promotion("standard"):
-      updates, opt_state = self.optimizer.update(
-          grads, state.opt_state, state.params
-      )
-      params = optax.apply_updates(state.params, updates)
-    outputs = jax.lax.stop_gradient(outputs)
-    term_states = dict(model_state["terms"])
-    for term, term_key in zip(
-        self.objective, jax.random.split(
-            jax.random.fold_in(key, 1), len(self.objective)
-        )
-    ):
-      term_states[term.name], term_metrics = term.update(
-          term_states[term.name], outputs, term_key
-      )
-      metrics = {
-          **metrics,
-          **{f"{term.name}/{k}": v for k, v in term_metrics.items()},
-      }
-    model_state = {**model_state, "terms": term_states}
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # Bad data (labels out of range, NaN inputs or cached teacher outputs)
-    # never updates the state, whatever the non-finite policy.
-    faults = batch_checks.batch_faults(
-        batch, num_classes=outputs.student_logits.shape[-1]
-    )
-    clean = jnp.logical_not(
-        jnp.any(jnp.stack([jnp.zeros((), jnp.int32), *faults.values()]))
-    )
-    apply = clean & finite if self.nonfinite == "skip" else clean
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        model_state=model_state,
-        opt_state=opt_state,
-    )
-    # The teachers pass through untouched (and unbatched under a sweep).
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(apply, new, old),
-        new_state.replace(teachers=()),
-        state.replace(step=state.step + 1, teachers=()),
-    ).replace(teachers=state.teachers)
-    metrics = dict(metrics)
-    metrics.update(faults)
-    metrics.update(
-        loss=loss,
-        grad_norm=grad_norm,
-        nonfinite=jnp.logical_not(finite).astype(jnp.int32),
-        bad_batch=jnp.logical_not(clean).astype(jnp.int32),
-    )
-    return new_state, metrics
-
-  def _prediction_metrics(self, outputs: objective_lib.StepOutputs) -> dict:
-    if self.token_inputs:
-      return token_prediction_metrics(
-          outputs, outputs.batch[self.inputs],
-          self.token_mask(outputs.batch))
-    return prediction_metrics(outputs)
+    return _step.train_step(self, state, batch)
 
   def token_mask(self, batch: Batch) -> jax.Array | None:
     """The batch's token mask as booleans (``None`` if it has none)."""
     key = self.input_mask or "mask"
     return None if key not in batch else jnp.asarray(batch[key]).astype(
         jnp.bool_)
-
-
-def _has_cached_teacher(batch: Batch) -> bool:
-  return "teacher_logits" in batch or "teacher_topk_logits" in batch
 
 
 def make_train_step(

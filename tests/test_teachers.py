@@ -276,15 +276,15 @@ def test_unknown_strategy(where):
 
 
 def test_auto_strategy_table(monkeypatch):
-  monkeypatch.setattr(teachers.jax, "default_backend", lambda: "cpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert teachers.resolve_strategy("auto") == "scan"
   assert teachers.resolve_strategy("scan") == "scan"
-  monkeypatch.setattr(teachers.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert teachers.resolve_strategy("auto") == "vmap"
-  monkeypatch.setattr(teachers.jax, "default_backend", lambda: "tpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert teachers.resolve_strategy("auto") == "vmap"
-  monkeypatch.setattr(teachers.jax, "default_backend", lambda: "neuron")
-  assert teachers.resolve_strategy("auto") == teachers._AUTO_FALLBACK
+  monkeypatch.setattr(jax, "default_backend", lambda: "neuron")
+  assert teachers.resolve_strategy("auto") == teachers._strategy._AUTO_FALLBACK
 
 
 # ---------------------------------------------------------------------------

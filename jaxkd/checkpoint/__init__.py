@@ -35,10 +35,10 @@ Example::
       ckpt.save(state, metrics=metrics, data_state=iterator.get_state())
 """
 
-from jaxkd.checkpoint._checkpointer import CheckpointWriteError
 from jaxkd.checkpoint._checkpointer import Checkpointer
-from jaxkd.checkpoint._checkpointer import Restored
+from jaxkd.checkpoint._guards import CheckpointWriteError
 from jaxkd.checkpoint._integrity import CorruptCheckpointError
+from jaxkd.checkpoint._reading import Restored
 from jaxkd.checkpoint._run_config import ConfigMismatchError
 from jaxkd.checkpoint._teachers import load_teachers
 from jaxkd.checkpoint._teachers import save_teachers

@@ -6,66 +6,36 @@ layout on disk).
 
 from __future__ import annotations
 
-import errno as errno_lib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from etils import epath
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxkd.checkpoint import _integrity
 from jaxkd.checkpoint import _reading
 from jaxkd.checkpoint import _run_config
-from jaxkd.checkpoint._guards import CheckpointWriteError
+from jaxkd.checkpoint import _writing
 from jaxkd.checkpoint._guards import _hold_orbax_errors
-from jaxkd.checkpoint._guards import _preservation_policy
+from jaxkd.checkpoint._guards import _manager_options
 from jaxkd.checkpoint._guards import _refusal
 from jaxkd.checkpoint._integrity import CorruptCheckpointError
 from jaxkd.checkpoint._integrity import Damage
+from jaxkd.checkpoint._reading import Restored
 from jaxkd.checkpoint._trees import _as_path
 from jaxkd.checkpoint._trees import _best_index
 from jaxkd.checkpoint._trees import _encode_data_state
 from jaxkd.checkpoint._trees import _metric_value
 from jaxkd.checkpoint._trees import _metrics_to_json
-from jaxkd.checkpoint._trees import _student_tree
-from jaxkd.checkpoint._trees import _to_savable
 from jaxkd.state import DistillState
 
-__all__ = ["CheckpointWriteError", "Checkpointer", "Restored"]
+__all__ = ["Checkpointer"]
 
 logger = logging.getLogger("jaxkd.checkpoint")
 
-# 2: the extra item holds checksums (format 1 steps restore unchecked).
-_EXTRA_FORMAT = 2
-_BEST_MODES = ("max", "min")
-
-
-class Restored(NamedTuple):
-  """What :meth:`Checkpointer.restore` returns.
-
-  Unpacks as ``state, data_state, metrics = ckpt.restore(target)``.
-
-  Attributes:
-    state: ``target`` with the saved student arrays.
-    data_state: The input pipeline's position as passed to
-      :meth:`Checkpointer.save` (``None`` if none was).
-    metrics: The metrics saved with the step (``None`` if none were).
-
-  .. versionadded:: 0.1.0
-  """
-
-  state: DistillState
-  data_state: Any
-  metrics: dict | None
-
-  @property
-  def step(self) -> int:
-    """The restored step (``state.step``)."""
-    return int(jax.device_get(self.state.step))
 
 
 class Checkpointer:
@@ -131,42 +101,12 @@ class Checkpointer:
       allow_config_change: bool = False,
       changeable_config_keys: Sequence[str] = (),
   ):
-    if max_to_keep is not None and (
-        isinstance(max_to_keep, bool) or int(max_to_keep) < 1
-    ):
-      raise ValueError(
-          f"`max_to_keep` must be None or an integer >= 1, got {max_to_keep!r}."
-      )
-    if best_mode not in _BEST_MODES:
-      raise ValueError(
-          f"`best_mode` must be one of {_BEST_MODES}, got {best_mode!r}."
-      )
-    if best_metric is not None and (
-        not isinstance(best_metric, str) or not best_metric
-    ):
-      raise ValueError(
-          f"`best_metric` must be None or a metric name, got {best_metric!r}."
-      )
-    if isinstance(save_interval_steps, bool) or int(save_interval_steps) < 1:
-      raise ValueError(
-          "`save_interval_steps` must be an integer >= 1, got"
-          f" {save_interval_steps!r}."
-      )
+    options = _manager_options(
+        max_to_keep=max_to_keep, best_metric=best_metric,
+        best_mode=best_mode, save_interval_steps=save_interval_steps)
     self._directory = _as_path(directory)
     self._best_metric = best_metric
     self._best_mode = best_mode
-    metric_fn = self._orbax_metric if best_metric is not None else None
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=int(save_interval_steps),
-        # Orbax writes (and reads back for the policy) the metrics only when
-        # `best_fn` is set; with a preservation policy it ranks nothing else.
-        best_fn=metric_fn,
-        best_mode=best_mode,
-        preservation_policy=_preservation_policy(
-            None if max_to_keep is None else int(max_to_keep), metric_fn,
-            best_mode),
-        create=True,
-    )
     _hold_orbax_errors(True)
     self._open = True
     self._final_steps: list[int] | None = None
@@ -199,13 +139,6 @@ class Checkpointer:
   def directory(self) -> epath.Path:
     return self._directory
 
-  def _orbax_metric(self, metrics: Any) -> float:
-    """The best metric of one step for Orbax's ranking; the worst if none."""
-    value = _metric_value(metrics, self._best_metric)
-    if value is None:
-      return -np.inf if self._best_mode == "max" else np.inf
-    return value
-
   def _step_dir(self, step: int) -> epath.Path:
     return self._directory / str(step)
 
@@ -229,28 +162,10 @@ class Checkpointer:
       failed = self._unsealed[-1] if self._unsealed else None
       self._unsealed = []
       self._manager.reload()
-      reason = getattr(e, "strerror", None) or _integrity.first_line(e)
-      where = getattr(e, "filename", None)
       target = (self._directory if failed is None
                 else self._step_dir(failed))
-      raise CheckpointWriteError(
-          getattr(e, "errno", None) or errno_lib.EIO,
-          f"Could not write checkpoint step {failed} to {target}: {reason}"
-          f"{f' ({where})' if where else ''}. Nothing older was lost; saved"
-          f" steps: {self.all_steps()}.",
-      ) from e
-    for step in self._unsealed:
-      step_dir = self._step_dir(step)
-      try:
-        # One writer: in a multi-process run every process sees the same
-        # directory, and two writers would race on the manifest's temp file.
-        if step_dir.exists() and jax.process_index() == 0:
-          _integrity.seal(step_dir)
-      except OSError as e:  # The step itself is whole: do not stop a run.
-        logger.warning(
-            "Could not write the file manifest of checkpoint step %d in %s"
-            " (%s); restore checks it by its arrays' checksums only.",
-            step, step_dir, e.strerror or e)
+      raise _writing.write_error(e, failed, target, self.all_steps()) from e
+    _writing.seal_steps((s, self._step_dir(s)) for s in self._unsealed)
     self._unsealed = []
 
   def save(
@@ -319,18 +234,8 @@ class Checkpointer:
           self._manager.latest_step(),
       )
       return False
-    tree = _to_savable(_student_tree(state))
-    extra = {
-        "format": _EXTRA_FORMAT,
-        "data_state": encoded_data_state,
-        "metrics": metrics_json,
-        "checksums": {
-            "algorithm": _integrity.ALGORITHM,
-            "leaves": _integrity.tree_digests(tree),
-            "extra": _integrity.json_digest(
-                {"data_state": encoded_data_state, "metrics": metrics_json}),
-        },
-    }
+    tree, extra = _writing.step_payload(
+        state, metrics_json, encoded_data_state)
     if self._best_metric is None:
       orbax_metrics = None
     else:
@@ -348,24 +253,14 @@ class Checkpointer:
       )
     except OSError as e:
       self._manager.reload()
-      raise CheckpointWriteError(
-          e.errno or errno_lib.EIO,
-          f"Could not write checkpoint step {step} to {self._step_dir(step)}:"
-          f" {e.strerror or e}. Nothing older was lost; saved steps:"
-          f" {self.all_steps()}.",
-      ) from e
+      raise _writing.write_error(
+          e, step, self._step_dir(step), self.all_steps()) from e
     if saved:
       self._metrics_cache[step] = metrics_json
       self._unsealed.append(step)
     return bool(saved)
 
   # -- Restoring -----------------------------------------------------------
-
-  def _read_step(self, target: DistillState, step: int) -> Restored:
-    """Restores one step; raises :class:`Damage` if it is not intact."""
-    return Restored(*_reading.read_step(
-        self._manager, target, step, step_dir=self._step_dir(step),
-        what=f"Checkpoint step {step} in {self._directory}"))
 
   def restore(
       self, target: DistillState, *, step: int | None = None
@@ -419,32 +314,19 @@ class Checkpointer:
             f" {steps}."
         )
       try:
-        return self._read_step(target, int(step))
+        return _reading.read_step(
+            self._manager, target, int(step),
+            step_dir=self._step_dir(int(step)),
+            what=f"Checkpoint step {step} in {self._directory}")
       except Damage as e:
         raise CorruptCheckpointError(
             f"Checkpoint step {step} in {self._step_dir(int(step))} is"
             f" damaged: {e}.") from None
     if not steps:
       raise ValueError(f"No checkpoint to restore in {self._directory}.")
-    damaged = []
-    for candidate in reversed(steps):
-      try:
-        return self._read_step(target, candidate)
-      except Damage as e:
-        moved = _integrity.quarantine(self._step_dir(candidate))
-        self._manager.reload()
-        self._metrics_cache.pop(candidate, None)
-        damaged.append(f"step {candidate}: {e} (moved to {moved.name})")
-        logger.warning(
-            "Checkpoint step %d in %s is damaged: %s; renamed it to %s"
-            " (files kept)%s.", candidate, self._step_dir(candidate), e,
-            moved.name, "; trying the previous step" if candidate != steps[0]
-            else "")
-    raise CorruptCheckpointError(
-        f"No intact checkpoint in {self._directory}: "
-        + "; ".join(damaged)
-        + ". The damaged steps were renamed aside, not deleted; a new run"
-          " in this directory starts from scratch.")
+    return _reading.read_newest_intact(
+        self._manager, target, steps, directory=self._directory,
+        forget=lambda step: self._metrics_cache.pop(step, None))
 
   # -- Queries -------------------------------------------------------------
 

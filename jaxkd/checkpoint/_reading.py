@@ -5,13 +5,15 @@ Private module of :mod:`jaxkd.checkpoint`.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable, NamedTuple
 
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
 from jaxkd.checkpoint import _integrity
+from jaxkd.checkpoint._integrity import CorruptCheckpointError
 from jaxkd.checkpoint._integrity import Damage
 from jaxkd.checkpoint._trees import _abstract_leaf
 from jaxkd.checkpoint._trees import _check_matches
@@ -21,8 +23,34 @@ from jaxkd.checkpoint._trees import _path_str
 from jaxkd.checkpoint._trees import _student_tree
 from jaxkd.state import DistillState
 
+logger = logging.getLogger("jaxkd.checkpoint")
+
 STATE_ITEM = "state"
 EXTRA_ITEM = "extra"
+
+
+class Restored(NamedTuple):
+  """What :meth:`Checkpointer.restore` returns.
+
+  Unpacks as ``state, data_state, metrics = ckpt.restore(target)``.
+
+  Attributes:
+    state: ``target`` with the saved student arrays.
+    data_state: The input pipeline's position as passed to
+      :meth:`Checkpointer.save` (``None`` if none was).
+    metrics: The metrics saved with the step (``None`` if none were).
+
+  .. versionadded:: 0.1.0
+  """
+
+  state: DistillState
+  data_state: Any
+  metrics: dict | None
+
+  @property
+  def step(self) -> int:
+    """The restored step (``state.step``)."""
+    return int(jax.device_get(self.state.step))
 
 
 def read_extra(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -39,7 +67,7 @@ def read_step(
     *,
     step_dir: epath.Path,
     what: str,
-) -> tuple[DistillState, Any, dict | None]:
+) -> Restored:
   """``(state, data_state, metrics)`` of ``step``, checked.
 
   In order: the file manifest (before Orbax reads anything), the JSON item
@@ -97,4 +125,43 @@ def read_step(
       lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype),
       arrays, abstract)
   state = target.replace(**_like_target(target_tree, arrays))
-  return state, data_state, metrics
+  return Restored(state, data_state, metrics)
+
+
+def read_newest_intact(
+    manager: ocp.CheckpointManager,
+    target: DistillState,
+    steps: list[int],
+    *,
+    directory: epath.Path,
+    forget: Callable[[int], Any],
+) -> Restored:
+  """The newest intact one of ``steps``; damaged ones are renamed aside.
+
+  Each damaged step directory becomes ``<step>.corrupt-<n>`` (no file is
+  deleted), with one warning; ``forget(step)`` drops what the caller knows
+  of it.
+
+  Raises:
+    CorruptCheckpointError: If no step is intact (listing what is wrong
+      with each).
+  """
+  damaged = []
+  for candidate in reversed(steps):
+    step_dir = directory / str(candidate)
+    try:
+      return read_step(manager, target, candidate, step_dir=step_dir,
+                       what=f"Checkpoint step {candidate} in {directory}")
+    except Damage as e:
+      moved = _integrity.quarantine(step_dir)
+      manager.reload()
+      forget(candidate)
+      damaged.append(f"step {candidate}: {e} (moved to {moved.name})")
+      logger.warning(
+          "Checkpoint step %d in %s is damaged: %s; renamed it to %s"
+          " (files kept)%s.", candidate, step_dir, e, moved.name,
+          "; trying the previous step" if candidate != steps[0] else "")
+  raise CorruptCheckpointError(
+      f"No intact checkpoint in {directory}: " + "; ".join(damaged)
+      + ". The damaged steps were renamed aside, not deleted; a new run"
+        " in this directory starts from scratch.")
