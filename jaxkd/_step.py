@@ -34,14 +34,18 @@ def split_micro_batches(batch: Batch, steps: int) -> dict[str, jax.Array]:
   moves between devices. Cached teacher outputs ``[K, B, ...]`` are split
   along their batch axis 1.
   """
-  return {name: _split(name, x, steps, batch) for name, x in batch.items()}
+  token_cache = "teacher_topk_log_probs" in batch
+  return {
+      name: _split(
+          x, steps,
+          stacked=name.startswith("teacher_") and not (
+              token_cache and name in _TOKEN_CACHE_KEYS))
+      for name, x in batch.items()
+  }
 
 
-def _split(name, x, steps, batch):
+def _split(x, steps: int, *, stacked: bool) -> jax.Array:
   x = jnp.asarray(x)
-  stacked = name.startswith("teacher_") and not (
-      name in _TOKEN_CACHE_KEYS and "teacher_topk_log_probs" in batch
-  )
   batch_axis = 1 if stacked and x.ndim >= 3 else 0
   if stacked and x.ndim == 2:
     x = x[None]

@@ -167,8 +167,9 @@ class Distillation:
       num_classes: int,
   ) -> tuple[jax.Array | None, Mapping[str, jax.Array]]:
     """Teacher logits ``[K, B, C]`` and features, cached or computed."""
-    if has_cached_teacher(batch):
-      return cached_teacher_logits(batch, num_classes), {}
+    cached = cached_teacher_logits(batch, num_classes)
+    if cached is not None:
+      return cached, {}
     if not self.teachers:
       return None, {}
     run = lambda variables, x: teachers_lib.apply_teacher_groups(

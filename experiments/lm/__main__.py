@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments.lm import report
 from experiments.lm import runner
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
@@ -43,7 +44,7 @@ def main(argv):
       shlex.quote(a) for a in sys.argv[1:])
   result = runner.run(_CONFIG.value, _WORKDIR.value, command=command,
                       publish=_PUBLISH.value)
-  print(runner.render_markdown(result))
+  print(report.render_markdown(result))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ __all__ = ["Checkpointer"]
 logger = logging.getLogger("jaxkd.checkpoint")
 
 
-
 class Checkpointer:
   """Saves and restores the student's side of a distillation run.
 

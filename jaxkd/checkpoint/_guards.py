@@ -2,7 +2,8 @@
 
 Its options as Orbax's (checked; the preservation policy is Orbax's own),
 the guard against saving a diverged state, and the filter that keeps
-Orbax's multi-line reports of a failed background save off the logs. Private module of :mod:`jaxkd.checkpoint`.
+Orbax's multi-line reports of a failed background save off the logs.
+Private module of :mod:`jaxkd.checkpoint`.
 """
 
 from __future__ import annotations
